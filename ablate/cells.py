@@ -1,0 +1,172 @@
+"""One cell = one student (frozen backbone + engram injections [+ router]) trained with one
+objective against one oracle variant. A cell writes only into its own directory:
+
+    cells/<cell>/key.json            what determines it (checked before reuse)
+    cells/<cell>/state.pt            resumable state, rewritten atomically every checkpoint
+    cells/<cell>/metrics.csv         the training log, read back by column name
+    cells/<cell>/evals.json          validation losses by step
+    cells/<cell>/checkpoint.safetensors   the trained (injection/router) weights
+    cells/<cell>/DONE                checksums of the above, written last
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ablate import store
+from ablate.errors import InputError
+
+
+@dataclass
+class OracleVariant:
+    """What a cell's student retrieves from and what its KL term targets."""
+
+    table: torch.Tensor  # [N, E]
+    sidecar: torch.Tensor  # [N, V]
+
+
+def oracle_variants(oracle, spec) -> dict[str, OracleVariant]:
+    """real; shuffled (ONE permutation applied to table and sidecar); gaussian (a content-free
+    table with matched per-dimension mean/std, KL target shuffled)."""
+    from ablate.oracle import gaussian_twin, shuffled
+
+    shuf = shuffled(oracle, spec.oracle.shuffle_seed)
+    return {
+        "real": OracleVariant(oracle.table, oracle.sidecar),
+        "shuffled": OracleVariant(shuf.table, shuf.sidecar),
+        "gaussian": OracleVariant(gaussian_twin(oracle.table, spec.oracle.gaussian_seed), shuf.sidecar),
+    }
+
+
+def engram_config(spec, cell):
+    from ablate.model.student import EngramConfig
+
+    m = spec.model
+    return EngramConfig(inject_layers=tuple(m.inject_layers), engram_dim=spec.oracle.engram_dim, num_heads=m.num_heads,
+                        top_k=m.top_k, retrieval_bias=m.retrieval_bias, gate_init=m.gate_init, router=cell.router,
+                        alpha_init=m.alpha_init)
+
+
+def train_config(spec, cell, device):
+    from ablate.train import TrainConfig
+
+    t = spec.train
+    return TrainConfig(steps=t.steps, batch=t.batch, seq_len=t.seq_len, lr=t.lr, warmup=t.warmup,
+                       decay_frac=t.decay_frac, grad_clip=t.grad_clip, eval_every=t.eval_every,
+                       eval_batches=t.eval_batches, log_every=t.log_every, precision=t.precision,
+                       vcontrast_weight=t.vcontrast_weight, qdiv_weight=t.qdiv_weight, aux_warmup=t.aux_warmup,
+                       data_seed=t.data_seed, val_seed=t.val_seed, kl_seed=spec.oracle.seeds[0],
+                       n_rows=spec.oracle.rows, checkpoint_every=t.checkpoint_every, name=cell.name)
+
+
+def build_student(spec, cell, backbone_path: Path, vocab_size: int, table: torch.Tensor, device):
+    """A fresh student: the frozen backbone from its checkpoint plus newly initialised adapters."""
+    from ablate.model.checkpoint import load_backbone
+    from ablate.model.student import Student
+    from ablate.stages import backbone_config
+
+    backbone = load_backbone(backbone_path, expected=backbone_config(spec, vocab_size))
+    torch.manual_seed(spec.train.model_seed)
+    student = Student(backbone, engram_config(spec, cell), table)
+    student.freeze_backbone()
+    return student.to(device)
+
+
+def cell_key(spec, cell, inputs: dict[str, str]) -> str:
+    from ablate.stages import stage_key
+
+    config = {"cell": cell.model_dump(mode="json"), "train": spec.train.model_dump(), "model": spec.model.model_dump()}
+    return stage_key("cell", config, inputs)
+
+
+def same_key(cell_dir: Path, key: str) -> bool:
+    try:
+        return store.read_json(cell_dir / "key.json")["key"] == key
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def is_complete(cell_dir: Path, key: str) -> bool:
+    return same_key(cell_dir, key) and store.is_done(cell_dir)
+
+
+def prepare_dir(cell_dir: Path, key: str) -> dict | None:
+    """Keep an interrupted cell's resumable state if it belongs to the same key; else start clean.
+    Returns the resume state, or None."""
+    if not same_key(cell_dir, key) and cell_dir.exists():
+        shutil.rmtree(cell_dir)
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    store.write_json(cell_dir / "key.json", {"key": key})
+    state_file = cell_dir / "state.pt"
+    if state_file.is_file():
+        try:
+            return torch.load(state_file, map_location="cpu", weights_only=True)
+        except Exception:  # a corrupt state file is not fatal: the cell restarts from step 0
+            state_file.unlink()
+    return None
+
+
+def save_state(cell_dir: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    store.write_atomic(cell_dir / "state.pt", buf.getvalue())
+
+
+def write_outputs(cell_dir: Path, student, outcome, meta: dict[str, Any]) -> None:
+    """Write the cell's final files, the completion marker last."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in student.trainable_named_parameters()}
+    save_file(weights, str(cell_dir / ".checkpoint.tmp"))
+    (cell_dir / ".checkpoint.tmp").replace(cell_dir / "checkpoint.safetensors")
+    store.write_atomic(cell_dir / "metrics.csv", history_csv(outcome.history))
+    store.write_json(cell_dir / "evals.json", outcome.evals)
+    store.write_json(cell_dir / "outcome.json", {"final_val_loss": outcome.final_val_loss, "steps": outcome.steps_done,
+                                                 "seconds": outcome.seconds, "tokens_per_s": outcome.tokens_per_s, **meta})
+    (cell_dir / "state.pt").unlink(missing_ok=True)
+    store.mark_done(cell_dir)
+
+
+def history_csv(rows: list[dict[str, float]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """Read metrics.csv back by column name; empty cells are absent keys."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def load_trained(spec, cell, cell_dir: Path, backbone_path: Path, vocab_size: int, table, device):
+    student = build_student(spec, cell, backbone_path, vocab_size, table, device)
+    path = cell_dir / "checkpoint.safetensors"
+    try:
+        weights = load_file(str(path))
+    except Exception as exc:
+        raise InputError(f"Cell checkpoint {path} is unreadable ({exc}); delete {cell_dir} to retrain that cell.") from exc
+    params = dict(student.trainable_named_parameters())
+    missing = sorted(set(params) - set(weights))
+    if missing:
+        raise InputError(f"Cell checkpoint {path} lacks {missing[:3]}…; delete {cell_dir} to retrain that cell.")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name].to(p.device))
+    return student.eval()
+
+
+def finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)

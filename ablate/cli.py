@@ -1,0 +1,213 @@
+"""The `ablate` command: argument parsing, rich output and exit codes (0 ok, 1 a cell failed or an
+expectation was not met, 2 bad input, 130 interrupted). No computation lives here."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import traceback
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ablate.errors import AblateError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _common(p: argparse.ArgumentParser, spec: bool = True) -> None:
+    if spec:
+        p.add_argument("spec", help="path to the experiment spec (TOML)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a spec value, type-checked (repeatable), e.g. --set train.steps=50")
+        p.add_argument("--profile", help="apply a [profiles.NAME] block of the spec, e.g. smoke")
+    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE.py",
+                   help="load hook implementations from a local Python file (repeatable)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ablate", description="Ablation experiments on memory-augmented language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run (or resume) an experiment")
+    _common(p)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--fresh", action="store_true", help="recompute every stage and cell of this spec")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("validate", help="check a spec and its plugins without running anything")
+    _common(p)
+
+    p = sub.add_parser("plan", help="list every stage and cell with its cache key and what would run")
+    _common(p)
+
+    p = sub.add_parser("plugins", help="list the installed plugins and their components")
+    _common(p, spec=False)
+
+    p = sub.add_parser("report", help="re-render a run's report from results.json, optionally beside other runs")
+    p.add_argument("run", nargs="?", help="run name (default: the most recent run)")
+    p.add_argument("--compare", action="append", default=[], metavar="OTHER", help="another run to set beside it")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--reports-dir", default="reports")
+    p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("clean", help="remove cached artifacts no run references")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--cache-dir", default=".ablate-cache")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except AblateError as exc:
+        if args.debug:
+            traceback.print_exc()
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+def _registry(args):
+    from ablate.plugins import load_registry
+
+    return load_registry(args.plugins)
+
+
+def _load(args, registry):
+    from ablate.spec import load_spec
+
+    return load_spec(args.spec, args.overrides, args.profile, registry)
+
+
+def cmd_validate(args) -> int:
+    registry = _registry(args)
+    spec = _load(args, registry)
+    console.print(f"[green]✓[/] {args.spec}: spec {spec.name!r} is valid — {len(spec.cells)} cells, "
+                  f"{len(spec.thresholds)} thresholds; plugins: corpus {spec.corpus.plugin}, teacher {spec.teacher.plugin}, "
+                  f"objectives {', '.join(sorted({c.objective.name for c in spec.cells}))}")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    registry = _registry(args)
+    table = Table(title="ablate plugins")
+    for col in ("kind", "name", "provided by", "parameters", "description"):
+        table.add_column(col)
+    for kind, comps in registry.components.items():
+        for name in sorted(comps):
+            reg = comps[name]
+            table.add_row(kind, name, reg.source, ", ".join(reg.cls.Params.model_fields) or "—", reg.cls.description)
+    console.print(table)
+    for src, err in registry.broken.items():
+        console.print(f"[yellow]broken plugin[/] {src}: {err}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from ablate.engine import Experiment, resolve_device
+    from ablate.ui import QuietUI
+
+    registry = _registry(args)
+    spec = _load(args, registry)
+    exp = Experiment(spec, registry, resolve_device("cpu"), QuietUI())
+    table = Table(title=f"plan for {spec.name}")
+    for col in ("stage / cell", "key", "status"):
+        table.add_column(col)
+    for row in exp.plan():
+        table.add_row(row["name"], row["key"], row["status"])
+    console.print(table)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from ablate.engine import Experiment, Interrupted, exit_code, resolve_device
+    from ablate.ui import QuietUI, RichUI
+
+    registry = _registry(args)
+    spec = _load(args, registry)
+    device = resolve_device(args.device)
+    ui = QuietUI() if args.quiet else RichUI(err_console)
+    command = "ablate " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if argv_is_cli() else "ablate run " + args.spec
+    exp = Experiment(spec, registry, device, ui, command=command, fresh=args.fresh)
+    console.print(f"[bold]ablate run[/] {spec.name} on {device} — {len(spec.cells)} cells")
+    try:
+        results = exp.run()
+    except Interrupted:
+        err_console.print(f"[yellow]Interrupted.[/] Finished stages and cells are kept; the running cell saved its "
+                          f"state. Resume with: [bold]{command}[/]")
+        return 130
+    print_summary(results, exp)
+    return exit_code(results)
+
+
+def argv_is_cli() -> bool:
+    return Path(sys.argv[0]).name in ("ablate", "__main__.py")
+
+
+def print_summary(results: dict, exp) -> None:
+    stages = Table(title="stages")
+    for col in ("stage", "status", "seconds", "key"):
+        stages.add_column(col)
+    for name, st in results["stages"].items():
+        stages.add_row(name, "cached" if st["cached"] else "computed", f"{st['seconds']:.1f}", st["key"])
+    console.print(stages)
+
+    cells = Table(title="cells")
+    for col in ("cell", "router", "oracle", "objective", "status", "val_loss", "seconds"):
+        cells.add_column(col)
+    for name, c in results["cells"].items():
+        val = c["metrics"].get("val_loss")
+        status = c["status"] + (" (cached)" if c.get("cached") else "")
+        if c.get("error"):
+            status += f": {c['error']}"
+        cells.add_row(name, "on" if c["config"]["router"] else "off", c["config"]["oracle"], c["config"]["objective"]["name"],
+                      status, f"{val:.4f}" if val is not None else "—", f"{c['seconds']:.1f}" if c.get("seconds") else "—")
+    console.print(cells)
+
+    if results["thresholds"]:
+        verdicts = Table(title="verdicts")
+        for col in ("threshold", "cell", "metric", "value", "verdict"):
+            verdicts.add_column(col)
+        for t in results["thresholds"]:
+            colour = {"BREAK": "red", "HOLD": "green"}.get(t["verdict"], "yellow")
+            value = "—" if t["value"] is None else f"{t['value']:.4f}"
+            verdicts.add_row(t["name"], t["cell"], t["metric"], value, f"[{colour}]{t['verdict']}[/]")
+        console.print(verdicts)
+    for cell, comb in results["combination"].items():
+        console.print(f"  {cell}: {comb['crossed']}/{comb['total']} thresholds crossed → [bold]{comb['label']}[/]")
+    for d in results["discriminator"]:
+        console.print(f"  discriminator {d['real']} vs {d['shuffled']}: [bold]{d['outcome']}[/] — {d['meaning']}")
+    for e in results.get("expectations", []):
+        mark = "[green]✓[/]" if e["met"] else "[red]✗[/]"
+        console.print(f"  expect {mark} {e['what']}: expected {e['expected']}, got {e['got']}")
+    console.print(f"results: {exp.paths.run_dir / 'results.json'}   report: {exp.paths.report}")
+
+
+def cmd_report(args) -> int:
+    from ablate.report_cli import report_command
+
+    return report_command(args, console)
+
+
+def cmd_clean(args) -> int:
+    from ablate.report_cli import clean_command
+
+    return clean_command(args, console)
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "plugins": cmd_plugins,
+            "report": cmd_report, "clean": cmd_clean}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

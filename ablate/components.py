@@ -1,0 +1,189 @@
+"""The public component interface: what a corpus, teacher, objective or probe plugin implements.
+
+A component is a class with a `name`, a pydantic `Params` model (unknown fields are errors) and
+a short `description`. Plugins register component classes through the hooks in
+`ablate.hookspecs`; the engine instantiates them with validated parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class Params(BaseModel):
+    """Base for every component's parameter model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class NoParams(Params):
+    pass
+
+
+class Component:
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]] = NoParams
+    description: ClassVar[str] = ""
+
+    def __init__(self, params: Params):
+        self.params = params
+
+
+# A progress callback: advance(n_units) — the engine wires it to a rich progress bar.
+Progress = Callable[[int], None]
+
+
+def no_progress(n: int) -> None:
+    return None
+
+
+# ----------------------------------------------------------------------------------- corpora
+
+
+@dataclass
+class TokenCorpus:
+    """A tokenised corpus: documents joined by EOS, split into train and validation streams."""
+
+    train: torch.Tensor  # [N_train] int64 token ids
+    val: torch.Tensor  # [N_val] int64 token ids
+    vocab_size: int
+    eos_id: int
+    tokenizer_path: Path | None = None  # a `tokenizers` JSON file, when the corpus has one
+    info: dict[str, Any] = field(default_factory=dict)  # JSON-able facts for the report
+
+
+class Corpus(Component):
+    """Produces a TokenCorpus. `load` may be slow; the engine caches its output by params."""
+
+    def load(self, workdir: Path, progress: Progress = no_progress) -> TokenCorpus:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------- teachers
+
+
+@dataclass
+class TeacherContext:
+    corpus: TokenCorpus
+    workdir: Path  # the teacher stage's own artifact directory (write weights here)
+    device: torch.device
+    seed: int
+    progress: Progress = no_progress
+
+
+class LoadedTeacher:
+    """A teacher ready for the oracle pass."""
+
+    vocab_size: int
+    hidden_size: int
+    info: dict[str, Any]  # JSON-able: source, dtype, val_loss, random_weights flag, ...
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, T] int64 → (hidden [B, T, H], logits [B, T, V]) for the configured layer."""
+        raise NotImplementedError
+
+
+class Teacher(Component):
+    def check(self, corpus_vocab_size: int) -> None:
+        """Fail fast (raise ablate.errors.SpecError/InputError) before any work: weights
+        reachable, vocabulary compatible. Must not do heavy work."""
+
+    def prepare(self, ctx: TeacherContext) -> dict[str, Any]:
+        """Produce whatever the teacher needs in ctx.workdir (e.g. train and save_pretrained a
+        local model). Cached by the engine. Returns JSON-able info (e.g. val_loss)."""
+        return {}
+
+    def load(self, ctx: TeacherContext) -> LoadedTeacher:
+        raise NotImplementedError
+
+
+# -------------------------------------------------------------------------------- objectives
+
+
+@dataclass
+class ObjectiveContext:
+    vocab_size: int
+    token_frequencies: torch.Tensor  # [V] float64 counts over the train stream
+
+
+@dataclass
+class ObjectiveBatch:
+    """Everything an objective may read for one training step.
+
+    logits:        [B, T, V] final merged logits (z_LM + z_r); bf16 under autocast
+    targets:       [B, T] int64 next tokens
+    tokens:        [B, T] int64 inputs (targets are tokens shifted by one)
+    router_logits: [B, T, V] z_r snapshot before the merge, or None when the router is off
+    teacher_rows:  [B, T] int64 canonical sidecar row per position, −1 where masked (p < 2)
+    sidecar:       [N, V] mean teacher logits per row (bf16 or fp32), or None
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    tokens: torch.Tensor
+    router_logits: torch.Tensor | None = None
+    teacher_rows: torch.Tensor | None = None
+    sidecar: torch.Tensor | None = None
+
+
+@dataclass
+class ObjectiveResult:
+    loss: torch.Tensor  # scalar, differentiable
+    terms: dict[str, torch.Tensor]  # detached scalars to log, e.g. {"ce": ..., "kl": ...}
+
+
+class Objective(Component):
+    needs_router: ClassVar[bool] = False
+    needs_sidecar: ClassVar[bool] = False
+
+    def __init__(self, params: Params, ctx: ObjectiveContext):
+        super().__init__(params)
+        self.ctx = ctx
+
+    def formula(self) -> str:
+        """The exact formula with parameter values, as markdown text."""
+        raise NotImplementedError
+
+    def __call__(self, batch: ObjectiveBatch) -> ObjectiveResult:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------ probes
+
+
+@dataclass
+class CellView:
+    """A trained cell as probes see it (read-only).
+
+    student:  the trained ablate.model.student.Student in eval mode, on `device`
+    history:  logged training rows (dicts keyed by column name, e.g. step, loss, ce, kl, alpha)
+    evals:    validation rows: {"step": int, "val_loss": float}
+    val_batches: fixed probe batches, each [B, T+1] int64 (same tokens for every cell)
+    teacher_rows / sidecar: as in ObjectiveBatch, for the probe batches ([B, T] per batch)
+    """
+
+    name: str
+    config: dict[str, Any]  # the resolved cell config (router, oracle, objective, ...)
+    student: Any
+    history: list[dict[str, float]]
+    evals: list[dict[str, float]]
+    val_batches: list[torch.Tensor]
+    teacher_rows: list[torch.Tensor]
+    sidecar: torch.Tensor | None
+    device: torch.device
+
+
+class Probe(Component):
+    """scope 'cell' probes see one CellView; scope 'pair' probes see the real and shuffled
+    cells of a pair (same settings, oracle real vs shuffled) and report on the real one."""
+
+    scope: ClassVar[Literal["cell", "pair"]] = "cell"
+    metrics: ClassVar[dict[str, str]] = {}  # metric name → one-line meaning (with unit)
+
+    def run(self, *cells: CellView) -> dict[str, float]:
+        raise NotImplementedError

@@ -1,0 +1,31 @@
+"""User-facing errors. Each carries one paragraph naming the thing and the fix; the CLI prints
+it without a traceback (unless --debug) and exits with `exit_code`."""
+
+
+class AblateError(Exception):
+    """Bad input: a spec, file, checkpoint or plugin the user must fix. Exit code 2."""
+
+    exit_code = 2
+
+
+class SpecError(AblateError):
+    """The spec is invalid. `problems` lists (location, message) pairs, all reported at once."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "spec"):
+        self.problems = problems
+        self.source = source
+        lines = [f"{source}: {len(problems)} problem(s)"]
+        lines += [f"  - {loc}: {msg}" if loc else f"  - {msg}" for loc, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+class InputError(AblateError):
+    """A missing or incompatible input (file, weights, vocabulary, corrupt artifact)."""
+
+
+class NumericalFault(Exception):
+    """A NaN/inf loss or gradient inside a cell: that cell stops, others still run."""
+
+    def __init__(self, cell: str, step: int, what: str):
+        self.cell, self.step, self.what = cell, step, what
+        super().__init__(f"cell {cell!r}: non-finite {what} at step {step}")

@@ -1,0 +1,140 @@
+"""Engram cross-attention over a fixed oracle table, its gated injection, and two aux losses.
+
+Reference: zeb139-experiment.md §2.3–2.6. Per position, with h [B, T, d] and table [N, E]:
+
+    r = W_r h;  s = cos(r, table rows) → top-k indices I [B, T, k] and their similarities s
+    R = LayerNorm_E(table[I]);  Q = RMSNorm(W_q h), K = RMSNorm(W_k R), V = W_v R   (per head)
+    attn = softmax_k(⟨Q, K⟩/√head_dim + β·s);  out = W_o concat_heads(Σ_k attn V)
+
+The top-k choice is not differentiable; β·s is the only path by which W_r gets gradient. The
+similarity search runs in float32 even under autocast, so bf16 rounding cannot reorder the
+top-k; the full [B, T, N] similarity lives only inside a no-grad region and the k winning
+similarities are recomputed with gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ablate.model.backbone import RMSNorm
+
+
+@dataclass
+class XAttnOut:
+    out: torch.Tensor  # [B, T, d] pre-gate output
+    indices: torch.Tensor  # [B, T, k] int64 retrieved table rows
+    sims: torch.Tensor  # [B, T, k] cosine similarities of the retrieved rows
+    attn: torch.Tensor  # [B, T, H, k] attention weights
+    vc: torch.Tensor | None  # scalar V-contrast loss (§2.5), when requested
+    qd: torch.Tensor  # scalar Q-diversity loss (§2.6)
+
+
+def q_diversity(indices: torch.Tensor, attn: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """N · Σ_i f[i]·P[i]. indices [B, T, k]; attn [B, T, H, k] → scalar.
+
+    f[i] = share of the B·T·k retrievals that picked row i (no gradient); P[i] = attention mass
+    on row i summed over heads, divided by B·T·H. 1 for uniform usage, N for one-row collapse.
+    """
+    flat = indices.reshape(-1)
+    f = torch.bincount(flat, minlength=num_rows).float() / flat.numel()
+    mass = attn.float().sum(dim=2).reshape(-1)  # [B·T·k], summed over heads
+    positions, num_heads = indices[..., 0].numel(), attn.shape[2]
+    P = torch.zeros(num_rows, device=mass.device).index_add(0, flat, mass)
+    P = P / (positions * num_heads)
+    return num_rows * (f * P).sum()
+
+
+def v_contrast(out: torch.Tensor, out_swapped: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of cos(out, out_swapped)². [B, T, d] twice → scalar in [0, 1]."""
+    return F.cosine_similarity(out.float(), out_swapped.float(), dim=-1).pow(2).mean()
+
+
+class EngramCrossAttention(nn.Module):
+    def __init__(self, hidden_dim: int, engram_dim: int, num_heads: int = 8, top_k: int = 8,
+                 retrieval_bias: float = 1.0):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, hidden_dim // num_heads
+        self.top_k, self.retrieval_bias = top_k, retrieval_bias
+        self.W_r = nn.Linear(hidden_dim, engram_dim, bias=False)
+        self.row_norm = nn.LayerNorm(engram_dim, eps=1e-6)
+        self.W_q = nn.Linear(hidden_dim, hidden_dim, bias=False)
+        self.W_k = nn.Linear(engram_dim, hidden_dim, bias=False)
+        self.W_v = nn.Linear(engram_dim, hidden_dim, bias=False)
+        self.W_o = nn.Linear(hidden_dim, hidden_dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, 1e-6)
+        self.k_norm = RMSNorm(self.head_dim, 1e-6)
+        nn.init.zeros_(self.W_o.weight)  # the ungated module is a no-op at step 0 (§2.3)
+
+    def retrieve(self, h: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, T, d], table [N, E] → (indices [B, T, k] int64, sims [B, T, k] float32)."""
+        r = self.W_r(h)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            r = F.normalize(r.float(), dim=-1, eps=1e-8)
+            rows = F.normalize(table.float(), dim=-1, eps=1e-8)
+            with torch.no_grad():
+                indices = (r @ rows.T).topk(self.top_k, dim=-1).indices
+            sims = (r.unsqueeze(-2) * rows[indices]).sum(dim=-1)
+        return indices, sims
+
+    def attend(self, h: torch.Tensor, rows: torch.Tensor,
+               sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, T, d], raw rows [B, T, k, E], sims [B, T, k]
+        → (out [B, T, d], attn [B, T, H, k]).
+
+        Rows are LayerNorm-ed here; sims is the additive retrieval bias (scaled by β).
+        """
+        B, T, _ = h.shape
+        H, D, k = self.num_heads, self.head_dim, rows.shape[2]
+        rows = self.row_norm(rows)
+        q = self.q_norm(self.W_q(h).view(B, T, H, D))
+        key = self.k_norm(self.W_k(rows).view(B, T, k, H, D))
+        value = self.W_v(rows).view(B, T, k, H, D)
+        scores = torch.einsum("bthd,btjhd->bthj", q, key) / math.sqrt(D)
+        attn = (scores + self.retrieval_bias * sims.unsqueeze(2)).softmax(dim=-1)
+        mixed = torch.einsum("bthj,btjhd->bthd", attn.to(value.dtype), value)
+        return self.W_o(mixed.reshape(B, T, H * D)), attn
+
+    def forward(self, h: torch.Tensor, table: torch.Tensor, *, vcontrast: bool = False,
+                generator: torch.Generator | None = None) -> XAttnOut:
+        """h [B, T, d], table [N, E] → XAttnOut.
+
+        vcontrast: also run the value-swapped branch (§2.5): a fresh permutation π of the N
+        rows (drawn from `generator` when given, else the global RNG), rows table[π[I]] at the
+        same indices and the same similarity bias; vc = mean cos(out, out')².
+        """
+        indices, sims = self.retrieve(h, table)
+        out, attn = self.attend(h, table[indices], sims)
+        vc = None
+        if vcontrast:
+            perm_device = generator.device if generator is not None else table.device
+            perm = torch.randperm(table.shape[0], generator=generator, device=perm_device)
+            swapped, _ = self.attend(h, table[perm.to(table.device)[indices]], sims)
+            vc = v_contrast(out, swapped)
+        return XAttnOut(out=out, indices=indices, sims=sims, attn=attn, vc=vc,
+                        qd=q_diversity(indices, attn, table.shape[0]))
+
+
+class GatedEngramInjection(nn.Module):
+    """inj(h) = tanh(gate) · xattn(h).out (§2.4).
+
+    With gate 0 the injection is exactly zero. W_o is re-initialised Xavier-uniform: a zero gate
+    and a zero W_o together would leave both without gradient forever.
+    """
+
+    def __init__(self, xattn: EngramCrossAttention, gate_init: float = 0.0):
+        super().__init__()
+        self.xattn = xattn
+        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        nn.init.xavier_uniform_(xattn.W_o.weight)
+
+    def forward(self, h: torch.Tensor, table: torch.Tensor, *, vcontrast: bool = False,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, XAttnOut]:
+        """h [B, T, d], table [N, E] → (inj [B, T, d], XAttnOut). The gate value is cast to the
+        injection's dtype so a bf16 activation stays bf16 under autocast."""
+        x = self.xattn(h, table, vcontrast=vcontrast, generator=generator)
+        return torch.tanh(self.gate).to(x.out.dtype) * x.out, x

@@ -1,0 +1,162 @@
+"""The student: a (frozen) backbone with gated engram injections and an optional router.
+
+Reference: zeb139-experiment.md §1.1, §2.4, §3. After backbone layer i ∈ inject_layers:
+
+    inj_i = tanh(a_i) · xattn_i(h);   h ← h + inject_mult · inj_i
+
+The router reads e = inj_L of the last injection layer L (before the residual add, without
+inject_mult), bypasses the remaining layers and the final norm, and its logits are added:
+
+    logits = final_norm(h) · Eᵀ + z_r,   z_r = α · W_align(e) · Eᵀ
+
+Every per-forward tensor is returned in StudentOutput; the module keeps no reference to any of
+them, so a [B, T, V] router snapshot never outlives the caller's use of it (pitfall §9.9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ablate.errors import InputError
+from ablate.model.backbone import Backbone
+from ablate.model.engram import EngramCrossAttention, GatedEngramInjection, XAttnOut
+from ablate.model.router import SkipToLogitRouter
+
+TRAINABLE_PREFIXES = ("engram_injections.", "engram_skip_router.")
+
+
+@dataclass
+class EngramConfig:
+    inject_layers: tuple[int, ...] = (2, 5)
+    engram_dim: int = 128
+    num_heads: int = 8
+    top_k: int = 8
+    retrieval_bias: float = 1.0
+    gate_init: float = 0.0
+    router: bool = False
+    alpha_init: float = 0.1
+
+    def check(self, num_layers: int, hidden_dim: int) -> None:
+        """Raise InputError when this config cannot sit on a backbone of that shape."""
+        layers = list(self.inject_layers)
+        problems = []
+        if self.router and not layers:
+            problems.append("router=True needs at least one inject layer (it reads the last "
+                            "injection's output)")
+        if len(set(layers)) != len(layers):
+            problems.append(f"inject_layers {layers} has duplicates")
+        outside = [i for i in layers if not 0 <= i < num_layers]
+        if outside:
+            problems.append(f"inject_layers {outside} lie outside [0, {num_layers}) of this "
+                            "backbone")
+        if self.num_heads < 1 or hidden_dim % self.num_heads:
+            problems.append(f"num_heads {self.num_heads} must divide hidden_dim {hidden_dim}")
+        if self.top_k < 1 or self.engram_dim < 1:
+            problems.append(f"top_k ({self.top_k}) and engram_dim ({self.engram_dim}) must be "
+                            "positive")
+        if problems:
+            raise InputError("Invalid engram config: " + "; ".join(problems) + ".")
+
+
+@dataclass
+class LayerTrace:
+    h_in: torch.Tensor  # [B, T, d] hidden state the injection reads
+    inj: torch.Tensor  # [B, T, d] gated injection (before inject_mult)
+    xattn: XAttnOut
+
+
+@dataclass
+class StudentOutput:
+    logits: torch.Tensor  # [B, T, V] z_LM + z_r
+    router_logits: torch.Tensor | None = None  # [B, T, V] z_r before the merge
+    vc: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → V-contrast (aux=True)
+    qd: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → Q-diversity (aux=True)
+    gates: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → tanh(a)
+    traces: dict[int, LayerTrace] = field(default_factory=dict)  # when trace=True
+    e: torch.Tensor | None = None  # [B, T, d] router input
+    aligned: torch.Tensor | None = None  # [B, T, d] W_align(e)
+
+
+class Student(nn.Module):
+    def __init__(self, backbone: Backbone, cfg: EngramConfig, table: torch.Tensor):
+        super().__init__()
+        d = backbone.config.hidden_dim
+        cfg.check(backbone.config.num_layers, d)
+        self.cfg = cfg
+        self.backbone = backbone
+        self.engram_injections = nn.ModuleDict({
+            str(i): GatedEngramInjection(
+                EngramCrossAttention(d, cfg.engram_dim, cfg.num_heads, cfg.top_k,
+                                     cfg.retrieval_bias),
+                gate_init=cfg.gate_init)
+            for i in cfg.inject_layers
+        })
+        self.engram_skip_router = SkipToLogitRouter(d, cfg.alpha_init) if cfg.router else None
+        self.router_layer = max(cfg.inject_layers) if cfg.router else None
+        self.register_buffer("table", self._checked_table(table), persistent=False)
+
+    def _checked_table(self, table: torch.Tensor) -> torch.Tensor:
+        if table.dim() != 2 or table.shape[1] != self.cfg.engram_dim:
+            raise InputError(f"The engram table has shape {tuple(table.shape)}; expected "
+                             f"[N, {self.cfg.engram_dim}] (engram_dim). Use a table built for "
+                             "this engram_dim or change engram_dim.")
+        if self.cfg.inject_layers and table.shape[0] < self.cfg.top_k:
+            raise InputError(f"The engram table has {table.shape[0]} rows, fewer than "
+                             f"top_k={self.cfg.top_k}; lower top_k or use a larger table.")
+        return table.float()
+
+    def set_table(self, table: torch.Tensor) -> None:
+        """Swap the oracle table [N, E] (kept on the current table's device, float32)."""
+        self.table = self._checked_table(table).to(self.table.device)
+
+    def freeze_backbone(self) -> None:
+        """Freeze everything except the injections and the router."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.startswith(TRAINABLE_PREFIXES))
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def forward(self, tokens: torch.Tensor, *, aux: bool = False, inject_mult: float = 1.0,
+                trace: bool = False, generator: torch.Generator | None = None) -> StudentOutput:
+        """tokens [B, T] int64 → StudentOutput.
+
+        aux: compute the V-contrast and Q-diversity losses per injection layer.
+        inject_mult: scales every injection's residual add (0 = zero-injection eval).
+        trace: record each injection's input, output and retrieval in `traces`.
+        generator: RNG for the V-contrast permutations (global RNG when None).
+        """
+        vc: dict[int, torch.Tensor] = {}
+        qd: dict[int, torch.Tensor] = {}
+        gates: dict[int, torch.Tensor] = {}
+        traces: dict[int, LayerTrace] = {}
+        e = None
+
+        def after_layer(i: int, h: torch.Tensor) -> torch.Tensor:
+            nonlocal e
+            key = str(i)
+            if key not in self.engram_injections:
+                return h
+            injection = self.engram_injections[key]
+            inj, x = injection(h, self.table, vcontrast=aux, generator=generator)
+            gates[i] = torch.tanh(injection.gate)
+            if aux:
+                vc[i], qd[i] = x.vc, x.qd
+            if trace:
+                traces[i] = LayerTrace(h_in=h, inj=inj, xattn=x)
+            if i == self.router_layer:
+                e = inj
+            return h + inject_mult * inj
+
+        logits = self.backbone.logits(self.backbone(tokens, after_layer))
+        router_logits = aligned = None
+        if self.engram_skip_router is not None:
+            aligned = self.engram_skip_router.W_align(e)
+            router_logits = self.engram_skip_router.logits_from_aligned(
+                aligned, self.backbone.lm_head_weight)
+            logits = logits + router_logits
+        return StudentOutput(logits=logits, router_logits=router_logits, vc=vc, qd=qd,
+                             gates=gates, traces=traces, e=e, aligned=aligned)

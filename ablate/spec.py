@@ -1,0 +1,538 @@
+"""The experiment spec: pydantic models, TOML loading, profiles, `--set` overrides, sweeps.
+
+`load_spec` reports every problem at once (SpecError with TOML locations such as
+`cells[2].objective.lambda`), after checking each referenced plugin and its own parameters.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ablate import expr
+from ablate.errors import SpecError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class PluginRef(BaseModel):
+    """`plugin = "name"` plus that plugin's own parameters (validated by the plugin's model)."""
+
+    model_config = ConfigDict(extra="allow")
+    plugin: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ObjectiveRef(BaseModel):
+    """`objective = "ce"` or `objective = { name = "kl_ce", lambda = 0.5 }`."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class PretrainSpec(Strict):
+    steps: int = Field(300, ge=1)
+    batch: int = Field(16, ge=1)
+    seq_len: int = Field(128, ge=2)
+    lr: float = Field(3e-3, gt=0)
+    warmup: int = Field(30, ge=0)
+    seed: int = 0
+
+
+class BackboneSpec(Strict):
+    """The frozen student backbone: pretrained on the corpus, or loaded from a checkpoint."""
+
+    source: Literal["pretrain", "checkpoint"] = "pretrain"
+    checkpoint: str | None = None
+    hidden_dim: int = Field(512, ge=8)
+    num_layers: int = Field(8, ge=1)
+    num_query_heads: int = Field(8, ge=1)
+    num_kv_heads: int = Field(4, ge=1)
+    head_dim: int = Field(64, ge=2)
+    ffn_dim: int = Field(1365, ge=1)
+    norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    max_seq_len: int = Field(4096, ge=2)
+    layers_per_block: int = Field(2, ge=1)
+    pretrain: PretrainSpec = PretrainSpec()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.source == "checkpoint" and not self.checkpoint:
+            raise ValueError('source = "checkpoint" needs `checkpoint = "path/to/backbone.safetensors"`')
+        if self.source == "pretrain" and self.checkpoint:
+            raise ValueError('`checkpoint` is set but source = "pretrain"; set source = "checkpoint" to use it')
+        if self.num_query_heads % self.num_kv_heads:
+            raise ValueError(f"num_query_heads {self.num_query_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even (RoPE rotates halves)")
+        return self
+
+    def architecture(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"source", "checkpoint", "pretrain"})
+
+
+class OracleSpec(Strict):
+    rows: int = Field(10000, ge=1)
+    engram_dim: int = Field(128, ge=1)
+    seeds: list[int] = [42, 99, 137, 251]
+    orders: list[Literal[2, 3]] = [2, 3]
+    batch: int = Field(16, ge=1)
+    seq_len: int = Field(2048, ge=3)
+    max_tokens: int | None = Field(None, ge=1)
+    shuffle_seed: int = 0
+    gaussian_seed: int = 42
+    pca_sample_min: int = Field(512, ge=1)
+    pca_sample_frac: float = Field(0.2, gt=0, le=1)
+    pca_seed: int = 42
+    cos_sample: int = Field(2000, ge=2)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if not v:
+            raise ValueError("at least one hash seed is needed")
+        if any(s < 0 or s >= 2**64 for s in v):
+            raise ValueError("hash seeds are unsigned 64-bit integers")
+        return v
+
+
+class ModelSpec(Strict):
+    inject_layers: list[int] = [2, 5]
+    top_k: int = Field(8, ge=1)
+    num_heads: int = Field(8, ge=1)
+    retrieval_bias: float = 1.0
+    gate_init: float = 0.0
+    alpha_init: float = Field(0.1, gt=0)
+
+
+class TrainSpec(Strict):
+    steps: int = Field(2000, ge=1)
+    batch: int = Field(4, ge=1)
+    seq_len: int = Field(2048, ge=3)
+    lr: float = Field(9e-4, gt=0)
+    warmup: int = Field(100, ge=0)
+    decay_frac: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+    eval_every: int = Field(250, ge=1)
+    eval_batches: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1)
+    precision: Literal["fp32", "bf16"] = "bf16"
+    vcontrast_weight: float = Field(1.0, ge=0)
+    qdiv_weight: float = Field(0.01, ge=0)
+    aux_warmup: int = Field(200, ge=0)
+    model_seed: int = 42
+    data_seed: int = 42
+    val_seed: int = 43
+    checkpoint_every: int = Field(0, ge=0)
+
+
+class ProbeSpec(Strict):
+    batches: int = Field(2, ge=1)
+    batch: int = Field(4, ge=1)
+    seq_len: int | None = Field(None, ge=3)
+    seed: int = 0
+
+
+class CellSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.=@-]+$")
+    router: bool = False
+    oracle: Literal["real", "shuffled", "gaussian"] = "real"
+    objective: ObjectiveRef = ObjectiveRef(name="ce")
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+
+class SweepSpec(BaseModel):
+    """`[sweep] cells = [...]` plus dotted keys with value lists, e.g. "objective.lambda" = [0.5, 0.9]."""
+
+    model_config = ConfigDict(extra="allow")
+    cells: list[str] = []
+
+    def axes(self) -> dict[str, list[Any]]:
+        return dict(self.model_extra or {})
+
+
+class RuleSpec(Strict):
+    below: float | str | None = None
+    at_most: float | str | None = None
+    above: float | str | None = None
+    at_least: float | str | None = None
+    outside: list[float | str] | None = None
+    inside: list[float | str] | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        set_ = [k for k, v in self if v is not None]
+        if len(set_) != 1:
+            raise ValueError(f"give exactly one of below, at_most, above, at_least, outside, inside (got {set_ or 'none'})")
+        k = set_[0]
+        if k in ("outside", "inside") and len(getattr(self, k)) != 2:
+            raise ValueError(f"{k} needs [low, high]")
+        for bound in self.bounds():
+            if isinstance(bound, str):
+                bad = expr.names_in(bound) - set(expr.KNOWN_NAMES)
+                if bad:
+                    raise ValueError(f"unknown name(s) {sorted(bad)} in {bound!r}; known: {', '.join(expr.KNOWN_NAMES)}")
+        return self
+
+    def kind(self) -> str:
+        return next(k for k, v in self if v is not None)
+
+    def bounds(self) -> list[float | str]:
+        v = getattr(self, self.kind())
+        return list(v) if isinstance(v, list) else [v]
+
+
+class ThresholdSpec(Strict):
+    name: str
+    metric: str
+    cells: list[str] = Field(min_length=1)
+    break_if: RuleSpec
+
+
+class CombineSpec(Strict):
+    soft_at: int = Field(1, ge=1)
+    broken_at: int = Field(2, ge=1)
+    strong: list[str] = []  # threshold names whose BREAK marks a strong result
+
+
+class DiscriminatorSpec(Strict):
+    real: str
+    shuffled: str
+
+
+class AxesSpec(Strict):
+    objective: str = "unspecified"
+    teacher: str = "unspecified"
+
+
+class ExpectSpec(Strict):
+    thresholds: dict[str, Literal["HOLD", "BREAK"]] = {}  # "threshold@cell" → verdict
+    combination: dict[str, Literal["holds", "soft signal", "broken"]] = {}
+    discriminator: dict[str, Literal["cheap_win", "clean_positive", "holds", "anomaly"]] = {}  # real cell → outcome
+    metrics: dict[str, RuleSpec] = {}  # "metric@cell" → a rule that must read BREAK-side (i.e. be satisfied)
+
+
+class Spec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    seed: int = 0
+    runs_dir: str = "runs"
+    reports_dir: str = "reports"
+    cache_dir: str = ".ablate-cache"
+    axes: AxesSpec = AxesSpec()
+    corpus: PluginRef
+    backbone: BackboneSpec = BackboneSpec()
+    teacher: PluginRef
+    oracle: OracleSpec = OracleSpec()
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+    probes: ProbeSpec = ProbeSpec()
+    cells: list[CellSpec] = Field(min_length=1)
+    sweep: SweepSpec | None = None
+    thresholds: list[ThresholdSpec] = []
+    combine: CombineSpec = CombineSpec()
+    discriminator: list[DiscriminatorSpec] = []
+    expect: ExpectSpec | None = None
+    profiles: dict[str, dict[str, Any]] = {}
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+def load_spec(path: str | Path, overrides: list[str] = (), profile: str | None = None, registry=None) -> Spec:
+    """Read, override, validate (schema, plugins, cross-references) and expand sweeps."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([("", f"spec file {path} does not exist; pass the path of a .toml spec (see specs/)")], str(path))
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError([("", f"TOML syntax error: {exc}. Fix the file at that line.")], str(path)) from None
+    except UnicodeDecodeError:
+        raise SpecError([("", "the file is not UTF-8 text; a spec is a TOML file")], str(path)) from None
+    return spec_from_dict(raw, overrides, profile, registry, source=str(path))
+
+
+def spec_from_dict(raw: dict, overrides=(), profile=None, registry=None, source="spec") -> Spec:
+    raw = copy.deepcopy(raw)
+    problems: list[tuple[str, str]] = []
+    if profile is not None:
+        profiles = raw.get("profiles", {})
+        if not isinstance(profiles, dict) or profile not in profiles:
+            names = ", ".join(sorted(profiles)) if isinstance(profiles, dict) and profiles else "none"
+            raise SpecError([("profiles", f"unknown profile {profile!r}; this spec defines: {names}")], source)
+        deep_merge(raw, profiles[profile])
+    for item in overrides:
+        try:
+            apply_override(raw, item)
+        except ValueError as exc:
+            problems.append((f"--set {item}", str(exc)))
+    if problems:
+        raise SpecError(problems, source)
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError([(_loc(e["loc"]), _msg(e)) for e in exc.errors()], source) from None
+    problems = check_references(spec, registry)
+    if problems:
+        raise SpecError(problems, source)
+    return expand_sweeps(spec)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _msg(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key (remove it or check its spelling)"
+    if err["type"] == "missing":
+        return "required key is missing"
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"{err['msg']}{shown}"
+
+
+def deep_merge(base: dict, extra: dict) -> None:
+    """Merge `extra` into `base`. A table that switches to another plugin (or objective name)
+    replaces the old table, since the old plugin's parameters mean nothing to the new one."""
+    for key, value in extra.items():
+        old = base.get(key)
+        switches = isinstance(value, dict) and isinstance(old, dict) and any(
+            k in value and value[k] != old.get(k) for k in ("plugin", "name"))
+        if isinstance(value, dict) and isinstance(old, dict) and not switches:
+            deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value is read as a TOML value (42, 0.5, true, "x", [1, 2]); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply `a.b.c=value` (list items by index: `cells.2.router=true`). The key must already
+    exist or belong to a section pydantic will check, so typos surface as unknown keys."""
+    if "=" not in item:
+        raise ValueError("expected key=value, e.g. train.steps=50")
+    key, text = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ValueError("empty key")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: i + 1]), create=True)
+    last = parts[-1]
+    value = parse_value(text.strip())
+    if isinstance(node, list):
+        node[_index(node, last, key)] = value
+        return
+    old = node.get(last)
+    if old is not None and not _same_kind(old, value):
+        raise ValueError(f"{key} is {type(old).__name__} {old!r} in the spec; {value!r} is {type(value).__name__}")
+    node[last] = value
+
+
+def _child(node, part, where, create):
+    if isinstance(node, list):
+        return node[_index(node, part, where)]
+    if not isinstance(node, dict):
+        raise ValueError(f"{where} is not a table")
+    if part not in node:
+        if not create:
+            raise ValueError(f"{where} does not exist")
+        node[part] = {}
+    return node[part]
+
+
+def _index(node: list, part: str, where: str) -> int:
+    if not re.fullmatch(r"\d+", part) or int(part) >= len(node):
+        raise ValueError(f"{where}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _same_kind(old, new) -> bool:
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)):
+        return not (isinstance(old, int) and isinstance(new, float) and not new.is_integer())
+    return type(old) is type(new)
+
+
+# ------------------------------------------------------------------------ cross-references
+
+
+def check_references(spec: Spec, registry) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    names = [c.name for c in spec.cells]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(("cells", f"duplicate cell name {name!r}; cell names must be unique"))
+    known = set(names)
+
+    bb = spec.backbone
+    for i, layer in enumerate(spec.model.inject_layers):
+        if not 0 <= layer < bb.num_layers:
+            problems.append((f"model.inject_layers[{i}]", f"layer {layer} is outside 0..{bb.num_layers - 1} (backbone.num_layers = {bb.num_layers})"))
+    if spec.model.top_k > spec.oracle.rows:
+        problems.append(("model.top_k", f"top_k {spec.model.top_k} exceeds oracle.rows {spec.oracle.rows}"))
+    if spec.model.num_heads and bb.hidden_dim % spec.model.num_heads:
+        problems.append(("model.num_heads", f"backbone.hidden_dim {bb.hidden_dim} is not divisible by {spec.model.num_heads} heads"))
+    if spec.train.seq_len > bb.max_seq_len:
+        problems.append(("train.seq_len", f"{spec.train.seq_len} exceeds backbone.max_seq_len {bb.max_seq_len}"))
+
+    if spec.sweep is not None:
+        for i, cell in enumerate(spec.sweep.cells):
+            if cell not in known:
+                problems.append((f"sweep.cells[{i}]", f"no cell named {cell!r}; cells are: {', '.join(names)}"))
+        for key, values in spec.sweep.axes().items():
+            if not isinstance(values, list) or not values:
+                problems.append((f"sweep.{key}", "a sweep axis needs a non-empty list of values"))
+            elif not key.startswith(("objective.", "router", "oracle")):
+                problems.append((f"sweep.{key}", 'sweep keys are cell fields, e.g. "objective.lambda", "router" or "oracle"'))
+
+    for i, th in enumerate(spec.thresholds):
+        for j, cell in enumerate(th.cells):
+            if cell not in known:
+                problems.append((f"thresholds[{i}].cells[{j}]", f"no cell named {cell!r}; cells are: {', '.join(names)}"))
+    for i, d in enumerate(spec.discriminator):
+        for role in ("real", "shuffled"):
+            if getattr(d, role) not in known:
+                problems.append((f"discriminator[{i}].{role}", f"no cell named {getattr(d, role)!r}; cells are: {', '.join(names)}"))
+    th_names = [t.name for t in spec.thresholds]
+    for s in spec.combine.strong:
+        if s not in th_names:
+            problems.append(("combine.strong", f"no threshold named {s!r}; thresholds are: {', '.join(th_names) or 'none'}"))
+    if spec.combine.broken_at < spec.combine.soft_at:
+        problems.append(("combine.broken_at", f"broken_at {spec.combine.broken_at} must be ≥ soft_at {spec.combine.soft_at}"))
+    if spec.expect is not None:
+        for key in spec.expect.thresholds:
+            t, _, c = key.partition("@")
+            if t not in th_names or c not in known:
+                problems.append((f"expect.thresholds.{key}", "expected 'threshold@cell' naming a threshold and a cell of this spec"))
+        for key in list(spec.expect.combination) + list(spec.expect.discriminator):
+            if key not in known:
+                problems.append((f"expect.{key}", f"no cell named {key!r}"))
+
+    if registry is not None:
+        problems += _check_plugins(spec, registry)
+    return problems
+
+
+def _check_plugins(spec: Spec, registry) -> list[tuple[str, str]]:
+    from ablate.errors import AblateError
+
+    problems: list[tuple[str, str]] = []
+
+    def check(kind, name, params, where):
+        try:
+            cls = registry.get(kind, name)
+        except AblateError as exc:
+            problems.append((where, str(exc)))
+            return None
+        try:
+            cls.Params.model_validate(params)
+        except ValidationError as exc:
+            for e in exc.errors():
+                loc = _loc(e["loc"])
+                allowed = ", ".join(cls.Params.model_fields) or "none"
+                hint = f" — {kind} plugin {name!r} accepts: {allowed}" if e["type"] == "extra_forbidden" else ""
+                problems.append((f"{where}.{loc}" if loc else where, _msg(e) + hint))
+        return cls
+
+    check("corpus", spec.corpus.plugin, spec.corpus.params(), "corpus")
+    check("teacher", spec.teacher.plugin, spec.teacher.params(), "teacher")
+    for i, cell in enumerate(spec.cells):
+        cls = check("objective", cell.objective.name, cell.objective.params(), f"cells[{i}].objective")
+        if cls is not None and cls.needs_router and not cell.router:
+            problems.append((f"cells[{i}]", f"objective {cell.objective.name!r} trains the router's distribution; set router = true or use objective \"ce\""))
+    if spec.sweep is not None:
+        for key, values in spec.sweep.axes().items():
+            if not key.startswith("objective.") or not isinstance(values, list):
+                continue
+            field = key.split(".", 1)[1]
+            for cell in spec.cells:
+                if cell.name in spec.sweep.cells:
+                    for v in values:
+                        check("objective", cell.objective.name, {**cell.objective.params(), field: v}, f"sweep.{key}")
+    produced = set()
+    for probe_cls in registry.components["probe"].values():
+        produced |= _expand_metric_names(probe_cls.cls.metrics, spec.model.inject_layers)
+    for i, th in enumerate(spec.thresholds):
+        if th.metric not in produced:
+            problems.append((f"thresholds[{i}].metric", f"no probe produces metric {th.metric!r}; available: {', '.join(sorted(produced))}"))
+    return problems
+
+
+def _expand_metric_names(metrics: dict[str, str], layers: list[int]) -> set[str]:
+    out = set()
+    for name in metrics:
+        out |= {name.replace("{l}", str(layer)) for layer in layers} if "{l}" in name else {name}
+    return out
+
+
+# ---------------------------------------------------------------------------------- sweeps
+
+
+def expand_sweeps(spec: Spec) -> Spec:
+    """Replace each swept cell by one cell per point of the sweep grid, named `cell@key=value`."""
+    if spec.sweep is None or not spec.sweep.cells:
+        return spec
+    axes = spec.sweep.axes()
+    keys = list(axes)
+    cells: list[CellSpec] = []
+    for cell in spec.cells:
+        if cell.name not in spec.sweep.cells:
+            cells.append(cell)
+            continue
+        for point in itertools.product(*(axes[k] for k in keys)):
+            data = cell.model_dump(by_alias=True)
+            data["objective"] = {"name": cell.objective.name, **cell.objective.params()}
+            label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, point))
+            for k, v in zip(keys, point):
+                node = data
+                *head, tail = k.split(".")
+                for h in head:
+                    node = node[h]
+                node[tail] = v
+            data["name"] = f"{cell.name}@{label}"
+            cells.append(CellSpec.model_validate(data))
+    return spec.model_copy(update={"cells": cells})
+
+
+def base_name(cell_name: str) -> str:
+    return cell_name.split("@", 1)[0]
+
+
+def sweep_label(cell_name: str) -> str:
+    return cell_name.split("@", 1)[1] if "@" in cell_name else ""
+
+
+def cells_for(spec: Spec, name: str) -> list[CellSpec]:
+    """The cells a threshold/discriminator naming `name` applies to (all its sweep expansions)."""
+    return [c for c in spec.cells if c.name == name or base_name(c.name) == name]

@@ -1,0 +1,315 @@
+"""Built-in probes (zeb139-experiment.md §7): what a trained cell, or a real/shuffled pair of
+cells, measures. Every probe reads the CellView's fixed probe batches ([B, T+1]; inputs are
+[:, :-1]) inside `probing(view)`: eval mode, fp32 with autocast off, no_grad. None installs a
+hook (traces come from the student's own `trace=True` output), so nothing is left behind.
+
+Cosines of an all-zero vector read 0 (eps-guarded), e.g. router logits while W_align = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ablate import hookimpl
+from ablate.components import CellView, Probe
+
+ENTROPY_CLAMP = 1e-12  # P is clamped here inside the log (§7.1)
+COS_EPS = 1e-12
+NOOP_RTOL = 1e-5  # retrieval-control: equal within this relative tolerance
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def probing(view: CellView) -> Iterator[None]:
+    """Eval mode, no autocast, no grad; the student's previous train/eval mode is restored."""
+    student = view.student
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device_type=view.device.type, enabled=False):
+            yield
+    finally:
+        student.train(was_training)
+
+
+def inputs_of(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A probe batch [B, T+1] → the model inputs [B, T]."""
+    return batch[:, :-1].to(device)
+
+
+def traced(view: CellView, i: int):
+    """The traced forward of probe batch i → StudentOutput. Call inside probing(view)."""
+    return view.student(inputs_of(view.val_batches[i], view.device), trace=True)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine over the last dim, fp32; a zero vector gives 0. [..., n] × 2 → [...]."""
+    a, b = a.float(), b.float()
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(COS_EPS)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """−Σ P log max(P, 1e-12) over the last dim, nats. [..., V] → [...]."""
+    p = logits.float().softmax(dim=-1)
+    return -(p * p.clamp_min(ENTROPY_CLAMP).log()).sum(-1)
+
+
+def injection_layers(student) -> list[int]:
+    return sorted(int(k) for k in student.engram_injections)
+
+
+def router_of(student):
+    return getattr(student, "engram_skip_router", None)
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def last_val_loss(view: CellView) -> float | None:
+    return float(view.evals[-1]["val_loss"]) if view.evals else None
+
+
+# ------------------------------------------------------------------------------ cell probes
+
+
+class FinalLoss(Probe):
+    name = "final-loss"
+    scope = "cell"
+    description = "Validation loss of the cell: the last evaluation, and step 0 when it was evaluated."
+    metrics = {
+        "val_loss": "last validation cross-entropy of the cell, nats per token",
+        "val_loss_step0": "validation cross-entropy at step 0 (gates closed, router zero), nats per token",
+    }
+
+    def run(self, view: CellView) -> dict[str, float]:
+        out = {}
+        if view.evals:
+            out["val_loss"] = last_val_loss(view)
+        step0 = [e for e in view.evals if int(e["step"]) == 0]
+        if step0:
+            out["val_loss_step0"] = float(step0[0]["val_loss"])
+        return out
+
+
+class Gates(Probe):
+    name = "gates"
+    scope = "cell"
+    description = "tanh of each injection's gate scalar."
+    metrics = {"gate_L{l}": "tanh(a) of the engram injection after layer l (signed, unitless, in [−1, 1])"}
+
+    def run(self, view: CellView) -> dict[str, float]:
+        inj = view.student.engram_injections
+        return {f"gate_L{l}": math.tanh(inj[str(l)].gate.item()) for l in injection_layers(view.student)}
+
+
+class RouterFingerprint(Probe):
+    name = "router-fingerprint"
+    scope = "cell"
+    description = "The skip-to-logit router's scale, weight size and output distribution (§7.1)."
+    metrics = {
+        "log_alpha": "the router's log scale log_alpha (nats)",
+        "alpha": "α = exp(log_alpha), the router's logit scale (unitless; a logit multiplier, not a mixture weight)",
+        "w_align_norm": "‖W_align‖_F, Frobenius norm of the router's d×d alignment matrix (unitless)",
+        "w_align_drift": "‖W_align − W_align_init‖_F / √d with W_align_init = 0: ablate's operational drift at "
+                         "zero init; √d is the Frobenius norm of a default-initialised d×d Linear (variance "
+                         "1/fan_in), so 1.0 = W_align moved as far as a fresh layer's whole size (unitless)",
+        "engram_logit_entropy": "mean over positions of −Σ_v P_r log P_r, P_r = softmax(z_r), P clamped at 1e-12 "
+                                "inside the log (nats; uniform = ln V)",
+        "max_lm_head_row_cos": "mean over positions of max_v |cos(W_align e, E_v)| over the LM-head rows E_v "
+                               "(unitless, in [0, 1])",
+        "teacher_match_cos": "mean over valid positions (p ≥ 2) of cos(P_router, P_teacher), probability vectors, "
+                             "P_teacher = softmax(sidecar row) (unitless, in [0, 1])",
+        "log_vocab": "ln V, the entropy of a uniform distribution over the vocabulary (nats)",
+    }
+
+    def run(self, view: CellView) -> dict[str, float]:
+        router = router_of(view.student)
+        if router is None:
+            return {}
+        W = router.W_align.weight.detach().float()
+        E = view.student.backbone.lm_head_weight.detach().float()
+        d = W.shape[1]
+        out = {
+            "log_alpha": router.log_alpha.item(),
+            "alpha": router.alpha.item(),
+            "w_align_norm": float(W.norm()),
+            "w_align_drift": float(W.norm() / math.sqrt(d)),
+            "log_vocab": math.log(E.shape[0]),
+        }
+        E_unit = F.normalize(E, dim=-1, eps=COS_EPS)
+        ent, row_cos, match = [], [], []
+        with probing(view):
+            for i in range(len(view.val_batches)):
+                res = traced(view, i)
+                z = res.router_logits.float()
+                ent.append(float(entropy(z).mean()))
+                a_unit = F.normalize(res.aligned.float(), dim=-1, eps=COS_EPS)
+                row_cos.append(float((a_unit @ E_unit.T).abs().amax(dim=-1).mean()))
+                if view.sidecar is not None and i < len(view.teacher_rows):
+                    rows = view.teacher_rows[i].to(z.device)
+                    valid = rows >= 0
+                    if valid.any():
+                        p_t = view.sidecar[rows[valid]].float().softmax(dim=-1)
+                        match.append(float(cosine(z[valid].softmax(dim=-1), p_t).mean()))
+        if ent:
+            out["engram_logit_entropy"] = mean(ent)
+            out["max_lm_head_row_cos"] = mean(row_cos)
+        if match:
+            out["teacher_match_cos"] = mean(match)
+        return out
+
+
+class KLTrajectory(Probe):
+    name = "kl-trajectory"
+    scope = "cell"
+    description = "The logged training KL at its first and last logged step."
+    metrics = {
+        "kl_first": "training-batch KL term at the first logged step (nats per token)",
+        "kl_last": "training-batch KL term at the last logged step (nats per token)",
+        "kl_change": "kl_last − kl_first (nats per token; negative = the KL fell)",
+    }
+
+    def run(self, view: CellView) -> dict[str, float]:
+        kl = [float(row["kl"]) for row in view.history if "kl" in row]
+        if not kl:
+            return {}
+        return {"kl_first": kl[0], "kl_last": kl[-1], "kl_change": kl[-1] - kl[0]}
+
+
+class RetrievalBattery(Probe):
+    name = "retrieval-battery"
+    scope = "cell"
+    description = "Per injection layer: retrieval diversity, peakedness, attention entropy, injection size (§7.5 D/P/E/M)."
+    metrics = {
+        "retrieval_unique_frac_L{l}": "distinct table rows among the B·T·k retrieved slots of a batch, as a fraction "
+                                      "of B·T·k, averaged over batches (unitless)",
+        "retrieval_top1_L{l}": "mean cosine similarity of the best retrieved row (unitless)",
+        "retrieval_topk_L{l}": "mean cosine similarity of the k-th retrieved row (unitless)",
+        "retrieval_gap_L{l}": "retrieval_top1 − retrieval_topk (unitless)",
+        "attn_entropy_L{l}": "mean over tokens and heads of the k-way attention entropy divided by ln k "
+                             "(unitless, 1 = uniform)",
+        "inj_ratio_L{l}": "mean over tokens of ‖injection‖/‖hidden state it is added to‖ (unitless)",
+    }
+
+    def run(self, view: CellView) -> dict[str, float]:
+        per: dict[str, list[float]] = {}
+        with probing(view):
+            for i in range(len(view.val_batches)):
+                for l, tr in traced(view, i).traces.items():
+                    for key, v in battery(l, tr).items():
+                        per.setdefault(key, []).append(v)
+        return {key: mean(vs) for key, vs in per.items()}
+
+
+def battery(l: int, tr) -> dict[str, float]:
+    """D/P/E/M of one layer's trace (indices, sims [B, T, k]; attn [B, T, H, k]; inj, h_in [B, T, d])."""
+    x = tr.xattn
+    k = x.indices.shape[-1]
+    sims, attn = x.sims.float(), x.attn.float()
+    top1, topk = sims.amax(-1).mean(), sims.amin(-1).mean()
+    attn_entropy = -torch.special.xlogy(attn, attn).sum(-1) / math.log(k)
+    ratio = tr.inj.float().norm(dim=-1) / tr.h_in.float().norm(dim=-1).clamp_min(COS_EPS)
+    return {
+        f"retrieval_unique_frac_L{l}": x.indices.unique().numel() / x.indices.numel(),
+        f"retrieval_top1_L{l}": float(top1),
+        f"retrieval_topk_L{l}": float(topk),
+        f"retrieval_gap_L{l}": float(top1 - topk),
+        f"attn_entropy_L{l}": float(attn_entropy.mean()),
+        f"inj_ratio_L{l}": float(ratio.mean()),
+    }
+
+
+# ------------------------------------------------------------------------------ pair probes
+
+
+class ContentGain(Probe):
+    name = "content-gain"
+    scope = "pair"
+    description = "Final validation loss of the shuffled cell minus that of the real cell."
+    metrics = {
+        "content_gain": "val_loss(shuffled) − val_loss(real), nats per token: POSITIVE when real oracle content "
+                        "lowers the loss; the reference's Δ-diff (real − shuffled) has the OPPOSITE sign",
+    }
+
+    def run(self, real: CellView, shuffled: CellView) -> dict[str, float]:
+        a, b = last_val_loss(real), last_val_loss(shuffled)
+        if a is None or b is None:
+            return {}
+        return {"content_gain": b - a}
+
+
+class CrossRun(Probe):
+    name = "cross-run"
+    scope = "pair"
+    description = "How alike the real and shuffled cells' router logits and injections are on the same tokens."
+    metrics = {
+        "cross_run_cos": "mean over positions of cos(z_r real, z_r shuffled) of the raw router logits (not "
+                         "probabilities, not centred), averaged over batches (unitless, in [−1, 1])",
+        "cross_run_inj_cos_L{l}": "mean signed cosine between the two cells' injections after layer l at matched "
+                                  "tokens (unitless, in [−1, 1])",
+    }
+
+    def run(self, real: CellView, shuffled: CellView) -> dict[str, float]:
+        both_routed = router_of(real.student) is not None and router_of(shuffled.student) is not None
+        layers = set(injection_layers(real.student)) & set(injection_layers(shuffled.student))
+        per: dict[str, list[float]] = {}
+        with probing(real), probing(shuffled):
+            for i in range(len(real.val_batches)):
+                ra, rb = traced(real, i), traced(shuffled, i)
+                if both_routed:
+                    per.setdefault("cross_run_cos", []).append(float(cosine(ra.router_logits, rb.router_logits).mean()))
+                for l in sorted(layers):
+                    c = cosine(ra.traces[l].inj, rb.traces[l].inj).mean()
+                    per.setdefault(f"cross_run_inj_cos_L{l}", []).append(float(c))
+        return {key: mean(vs) for key, vs in per.items()}
+
+
+class RetrievalControl(Probe):
+    name = "retrieval-control"
+    scope = "pair"
+    description = ("Is the control oracle a no-op for retrieval? The real cell's cross-attention, on its own "
+                   "captured hidden states, against its table and against the control cell's table.")
+    metrics = {
+        "retrieval_control_max_diff_L{l}": "max |out_real − out_control| of the real cell's pre-gate cross-attention "
+                                           "output after layer l, same hidden states, real vs control table "
+                                           "(activation units; the gate scales both alike and is left out)",
+        "retrieval_control_noop_L{l}": "1.0 when those outputs are equal within 1e-5 relative (a row permutation "
+                                       "under dense cosine top-k retrieves the same content, §2.9), else 0.0",
+    }
+
+    def run(self, real: CellView, shuffled: CellView) -> dict[str, float]:
+        control_table = shuffled.student.table.to(real.device)
+        injections = real.student.engram_injections
+        diff: dict[int, float] = {}
+        scale: dict[int, float] = {}
+        with probing(real):
+            for i in range(len(real.val_batches)):
+                for l, tr in traced(real, i).traces.items():
+                    xattn = injections[str(l)].xattn
+                    a = xattn(tr.h_in, real.student.table).out.float()
+                    b = xattn(tr.h_in, control_table).out.float()
+                    diff[l] = max(diff.get(l, 0.0), float((a - b).abs().max()))
+                    scale[l] = max(scale.get(l, 0.0), float(a.abs().max()))
+        out = {}
+        for l in sorted(diff):
+            out[f"retrieval_control_max_diff_L{l}"] = diff[l]
+            out[f"retrieval_control_noop_L{l}"] = 1.0 if diff[l] <= NOOP_RTOL * scale[l] else 0.0
+        return out
+
+
+BUILTIN_PROBES = (FinalLoss, Gates, RouterFingerprint, KLTrajectory, RetrievalBattery,
+                  ContentGain, CrossRun, RetrievalControl)
+
+
+@hookimpl
+def ablate_probes(register):
+    for probe in BUILTIN_PROBES:
+        register(probe)

@@ -1,0 +1,207 @@
+"""Verdict sentences are checked by parsing their numbers back out and redoing the arithmetic
+exactly (fractions), independently of ablate.verdict."""
+
+import math
+import re
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ablate.errors import InputError
+from ablate.verdict import (
+    Bound, agreement, combine, common_decimals, discriminate, distinguishing_digits, evaluate, fmt,
+)
+
+SETTINGS = settings(max_examples=50, deadline=None)
+NUM = r"-?\d+(?:\.\d+)?"
+finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
+
+SINGLE_RE = re.compile(
+    rf"^(?P<label>\S+) (?P<v>{NUM}) vs bound (?P<b>{NUM})(?: \((?P<expr>.*)\))?: "
+    rf"BREAK if value (?P<op>[<≤>≥]) (?P<b2>{NUM}); (?P<v2>{NUM}) is "
+    rf"(?:(?P<gap>{NUM}) (?P<word>above|below) the bound|equal to the bound) → (?P<verdict>HOLD|BREAK)$")
+RANGE_RE = re.compile(
+    rf"^(?P<label>\S+) (?P<v>{NUM}) vs band \[(?P<lo>{NUM}), (?P<hi>{NUM})\]: (?P<cond>[^;]*); (?P<where>.*) "
+    rf"→ (?P<verdict>HOLD|BREAK)$")
+OFFSET_RE = re.compile(rf"(?:(?P<gap>{NUM}) (?P<word>above|below)|equal to) the (?P<which>lower|upper) bound")
+
+OPS = {"below": "<", "at_most": "≤", "above": ">", "at_least": "≥"}
+
+
+def decimals_of(text: str) -> int:
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def is_rounding_of(text: str, x: float) -> bool:
+    """text is x correctly rounded at text's own number of decimals."""
+    return text == f"{x:.{decimals_of(text)}f}"
+
+
+def check_gap(gap_text: str, value: float, bound: float) -> None:
+    """The printed gap is |value − bound| (exact) rounded at the printed precision."""
+    exact = abs(Fraction(value) - Fraction(bound))
+    unit = Fraction(1, 10 ** decimals_of(gap_text))
+    assert abs(Fraction(gap_text) - exact) <= unit / 2
+    assert Fraction(gap_text) > 0
+
+
+def check_word(word: str, value: float, bound: float) -> None:
+    assert word == ("above" if value > bound else "below")
+
+
+def near(x: float):
+    """Values on both sides of x and x itself."""
+    return st.sampled_from([x, math.nextafter(x, math.inf), math.nextafter(x, -math.inf)]) | finite
+
+
+@SETTINGS
+@given(kind=st.sampled_from(list(OPS)), bound=finite, data=st.data())
+def test_single_bound_sentences_match_arithmetic(kind, bound, data):
+    value = data.draw(near(bound))
+    r = evaluate("t", "m", "c", value, {kind: Bound(bound, "ref - 0.1")})
+    expect_break = {"below": value < bound, "at_most": value <= bound,
+                    "above": value > bound, "at_least": value >= bound}[kind]
+    assert r.verdict == ("BREAK" if expect_break else "HOLD")
+    m = SINGLE_RE.match(r.sentence)
+    assert m, r.sentence
+    assert m["verdict"] == r.verdict and m["op"] == OPS[kind] and m["expr"] == "ref - 0.1"
+    assert is_rounding_of(m["v"], value) and is_rounding_of(m["b"], bound)
+    assert m["v"] == m["v2"] and m["b"] == m["b2"]
+    if value == bound:
+        assert m["gap"] is None
+    else:
+        assert m["v"] != m["b"]  # two different numbers never print the same
+        check_gap(m["gap"], value, bound)
+        check_word(m["word"], value, bound)
+
+
+@SETTINGS
+@given(kind=st.sampled_from(["outside", "inside"]), a=finite, b=finite, data=st.data())
+def test_range_sentences_match_arithmetic(kind, a, b, data):
+    lo, hi = min(a, b), max(a, b)
+    value = data.draw(near(lo) | near(hi))
+    r = evaluate("t", "alpha", "c", value, {kind: [lo, hi]})
+    outside = value < lo or value > hi
+    assert r.verdict == ("BREAK" if outside == (kind == "outside") else "HOLD")
+    m = RANGE_RE.match(r.sentence)
+    assert m, r.sentence
+    assert is_rounding_of(m["v"], value) and is_rounding_of(m["lo"], lo) and is_rounding_of(m["hi"], hi)
+    for x, y in [(value, lo), (value, hi), (lo, hi)]:
+        if x != y:
+            texts = {value: m["v"], lo: m["lo"], hi: m["hi"]}
+            assert texts[x] != texts[y]
+    offsets = list(OFFSET_RE.finditer(m["where"]))
+    assert [o["which"] for o in offsets] == (["lower"] if value < lo else ["upper"] if value > hi
+                                             else ["lower", "upper"])
+    for o in offsets:
+        bound = lo if o["which"] == "lower" else hi
+        if value == bound:
+            assert o["gap"] is None
+        else:
+            check_gap(o["gap"], value, bound)
+            check_word(o["word"], value, bound)
+
+
+def test_reference_entropy_sentence():
+    r = evaluate("entropy", "engram_logit_entropy", "on_real", 10.3467,
+                 {"below": Bound(10.3735 - 0.1, "log_vocab - 0.1")})
+    assert r.verdict == "HOLD"
+    assert "0.0732 above the bound" in r.sentence and "(log_vocab - 0.1)" in r.sentence
+
+
+def test_plain_bound_prints_no_expression_and_missing_values():
+    r = evaluate("gain", "content_gain", "c", 0.002, {"at_least": 0.001})
+    assert "(" not in r.sentence and r.verdict == "BREAK"
+    for missing in (None, float("nan")):
+        r = evaluate("gain", "content_gain", "c", missing, {"at_least": 0.001})
+        assert r.verdict == "MISSING" and r.value is None and "MISSING" in r.sentence
+    d = evaluate("a", "alpha", "c", 0.17, {"outside": [0.14, 0.2]}, bound_exprs=["lo", "hi"]).to_dict()
+    assert d["rule"] == {"kind": "outside", "bounds": [0.14, 0.2], "exprs": ["lo", "hi"]}
+
+
+@pytest.mark.parametrize("rule", [{"below": 1, "above": 2}, {"under": 1}, {"outside": 1},
+                                  {"below": [1, 2]}, {"inside": [2, 1]}, "below"])
+def test_bad_rules_are_input_errors(rule):
+    with pytest.raises(InputError):
+        evaluate("t", "m", "c", 0.0, rule)
+
+
+@SETTINGS
+@given(a=st.floats(allow_nan=False, allow_infinity=False), b=st.floats(allow_nan=False, allow_infinity=False))
+def test_distinguishing_digits_never_print_two_floats_equal(a, b):
+    d = distinguishing_digits(a, b)
+    assert d >= 4
+    if a != b:
+        assert f"{a:.{d}f}" != f"{b:.{d}f}"
+        assert d == 4 or f"{a:.{d - 1}f}" == f"{b:.{d - 1}f}"  # and no more decimals than needed
+
+
+@SETTINGS
+@given(st.lists(finite, min_size=2, max_size=8))
+def test_common_decimals_separates_every_pair(values):
+    d = common_decimals(values)
+    printed = {f"{v:.{d}f}" for v in values}
+    assert len(printed) == len(set(values))
+
+
+@SETTINGS
+@given(a=finite, b=finite)
+def test_agreement_tolerance_is_gap_rounded_up(a, b):
+    text = agreement("A", a, "B", b, "nats")
+    if a == b:
+        assert "agree exactly" in text
+        return
+    m = re.fullmatch(rf"A \((?P<a>{NUM})\) and B \((?P<b>{NUM})\) agree within (?P<tol>{NUM}) nats", text)
+    assert m, text
+    assert m["a"] != m["b"] and is_rounding_of(m["a"], a) and is_rounding_of(m["b"], b)
+    tol, gap = Fraction(m["tol"]), abs(Fraction(a) - Fraction(b))
+    unit = Fraction(1, 10 ** decimals_of(m["tol"]))
+    assert decimals_of(m["tol"]) == decimals_of(m["a"])
+    assert gap <= tol < gap + unit
+
+
+def test_agreement_reference_numbers():
+    # ZEB-136 router-off cells: 4.554601 vs 4.554377 differ by 0.000224 → 0.0003 at 4 decimals.
+    assert agreement("c1", 4.554601, "c2", 4.554377, "nats").endswith("agree within 0.0003 nats")
+
+
+def test_fmt_never_scientific():
+    for x in (3e-7, 1e-20, 12345678.9, -2.5e-9):
+        assert "e" not in fmt(x)
+        assert Fraction(fmt(x)) != 0
+    assert fmt(7) == "7" and fmt(0.5, sign=True) == "+0.5000" and fmt(float("inf")) == "inf"
+
+
+def _rows(verdicts):
+    return [{"name": n, "verdict": v} for n, v in verdicts.items()]
+
+
+@pytest.mark.parametrize("verdicts, label, crossed", [
+    ({"a": "HOLD", "b": "HOLD", "c": "HOLD"}, "holds", 0),
+    ({"a": "BREAK", "b": "HOLD", "c": "HOLD"}, "soft signal", 1),
+    ({"a": "BREAK", "b": "BREAK", "c": "HOLD"}, "broken", 2),
+    ({"a": "BREAK", "b": "BREAK", "c": "BREAK"}, "broken", 3),
+])
+def test_combine_table(verdicts, label, crossed):
+    out = combine(_rows(verdicts))
+    assert (out["label"], out["crossed"], out["total"], out["strong"]) == (label, crossed, 3, False)
+
+
+def test_combine_strong_missing_and_custom_cutoffs():
+    rows = _rows({"a": "BREAK", "b": "MISSING", "gain_strong": "BREAK"})
+    out = combine(rows, strong=["gain_strong"])
+    assert out["crossed"] == 1 and out["total"] == 2 and out["missing"] == 1 and out["strong"]
+    assert out["crossed_names"] == ["a"] and out["missing_names"] == ["b"]
+    assert combine(rows, soft_at=2, broken_at=3, strong=["gain_strong"])["label"] == "holds"
+    assert not combine(_rows({"a": "HOLD", "s": "HOLD"}), strong=["s"])["strong"]
+
+
+@pytest.mark.parametrize("real, shuf, outcome", [
+    (True, True, "cheap_win"), (True, False, "clean_positive"),
+    (False, False, "holds"), (False, True, "anomaly"),
+])
+def test_discriminate_table(real, shuf, outcome):
+    out = discriminate(real, shuf)
+    assert out["outcome"] == outcome and out["meaning"]
