@@ -378,11 +378,14 @@ def _index(node: list, part: str, where: str) -> int:
 
 
 def _same_kind(old, new) -> bool:
+    """Numbers and booleans keep their kind; other values are left to the schema to judge."""
     if isinstance(old, bool) or isinstance(new, bool):
-        return isinstance(old, bool) and isinstance(new, bool)
-    if isinstance(old, (int, float)) and isinstance(new, (int, float)):
+        return isinstance(old, bool) == isinstance(new, bool) or not isinstance(old, (int, float))
+    if isinstance(old, (int, float)):
+        if not isinstance(new, (int, float)):
+            return False
         return not (isinstance(old, int) and isinstance(new, float) and not new.is_integer())
-    return type(old) is type(new)
+    return True
 
 
 # ------------------------------------------------------------------------ cross-references

@@ -9,9 +9,12 @@ Generator (all randomness from `numpy.random.default_rng(seed)`; same parameters
   it is never EOS. The stream is the concatenation of documents, cut at n_tokens.
 - Background: π(k) ∝ k^(−zipf_a) over content tokens k = 1..V−1 (token 1 most frequent).
 - Rules: the context of position t is the bigram (a, b) = (x[t−2], x[t−1]) of the previous two
-  stream tokens, EOS included (the stream is preceded by (0, 0)). A 64-bit splitmix hash of
-  (seed, a·V + b) marks (a, b) as a *rule context* with probability `planted_fraction` and gives
-  it a target f(a, b), uniform over 1..V−1. At a content position with a rule context the next
+  stream tokens, EOS included (the stream is preceded by (0, 0)). A 64-bit hash marks (a, b)
+  as a *rule context* with probability `planted_fraction` and gives it a target f(a, b),
+  uniform over 1..V−1: with s(x) the splitmix64 finaliser (x += 0x9E3779B97F4A7C15;
+  x = (x ^ x>>30)·0xBF58476D1CE4E5B9; x = (x ^ x>>27)·0x94D049BB133111EB; x ^ x>>31, mod 2⁶⁴),
+  h₁ = s((a·V + b) XOR s(seed)), rule ⇔ ⌊h₁ / 2¹¹⌋·2⁻⁵³ < planted_fraction,
+  f = 1 + s(h₁) mod (V − 1). At a content position with a rule context the next
   token is f(a, b) with probability `determinism`, otherwise a background draw; at a content
   position with a non-rule context it is a background draw. So
       P(k | rule ctx) = d·[k = f] + (1 − d)·π(k),   P(k | other ctx) = π(k)        (d = determinism)
@@ -27,6 +30,11 @@ the rank-one-plus-sparse transition structure). It depends on the realised hash:
 background a few frequent contexts dominate, so the share of positions that sit in rule
 contexts is not planted_fraction. `realised_entropy` gives the mean of H(a,b) over the actual
 positions of a stream: the expected cross-entropy of a perfect model on that stream.
+
+Random draws, in this order: document lengths (`rng.geometric(q, size=⌊1.2·n·q⌋ + 16)`, extended
+by further blocks of the same size until they cover n tokens), n uniforms mapped through the
+cumulative π (`searchsorted(cdf, u, side="right")`) for the background draws, n uniforms u′ with
+"follow the rule" ⇔ u′ < determinism.
 
 Fast generation: background draws, uniforms and document boundaries are drawn in vectorised
 calls; the sequential rule dependency is solved by fixed-point iteration that only revisits
@@ -94,9 +102,10 @@ def generate(spec: SyntheticSpec) -> np.ndarray:
     q = 1.0 / spec.doc_len
 
     # Document boundaries: EOS after each geometric-length document.
-    lengths = rng.geometric(q, size=int(n * q * 1.2) + 16)
+    block = int(n * q * 1.2) + 16
+    lengths = rng.geometric(q, size=block)
     while lengths.sum() + lengths.size < n:
-        lengths = np.concatenate([lengths, rng.geometric(q, size=lengths.size)])
+        lengths = np.concatenate([lengths, rng.geometric(q, size=block)])
     eos_pos = np.cumsum(lengths + 1) - 1
     is_eos = np.zeros(n, dtype=bool)
     is_eos[eos_pos[eos_pos < n]] = True

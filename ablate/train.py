@@ -11,6 +11,15 @@ Per step s (0-based; s optimiser updates are done before it):
 Validation (§5.4) runs before step s when s > 0 and s % eval_every == 0 (reported as step s,
 i.e. after s updates) and once after the last step (reported as step = steps).
 
+Logged row (a dict keyed by column name; values as used in that step's forward, before its
+update): step, loss (total objective incl. aux), every objective term (ce, kl, …),
+vcontrast_L{l}, qdiv_L{l}, gate_L{l} (tanh a_l), and with the router on: alpha, log_alpha,
+w_align_norm (‖W_align‖_F), w_align_grad_norm (‖∂L/∂W_align‖_F before clipping),
+router_entropy (mean over positions of H(softmax(z_r)), nats, fp32), teacher_match_cos (mean
+over positions with a sidecar row of cos(P_r, P_t); only with a sidecar); then
+vcontrast_lambda, qdiv_lambda, lr, grad_norm (global norm before clipping), dt_ms and
+tokens_per_s (per step over the interval since the previous row, evaluation excluded).
+
 Host syncs happen only on log steps (every log_every steps and the last step), evaluations and
 checkpoints. Non-finite loss or gradient norm is recorded on the device every step (the first
 offending step of each kind) and raised as NumericalFault at the next sync point, before any
@@ -31,6 +40,7 @@ import torch.nn.functional as F
 from ablate.components import Objective, ObjectiveBatch
 from ablate.errors import InputError, NumericalFault
 from ablate.hashing import canonical_rows
+from ablate.losses import cross_entropy
 from ablate.optim import CellOptimizer, wsd_multiplier
 
 # Config fields that may differ between the run that wrote a resume state and the run resuming
@@ -202,7 +212,7 @@ def evaluate(student: torch.nn.Module, sampler: WindowSampler, n_batches: int,
             inputs, targets = sampler()
             with autocast():
                 logits = student(inputs, aux=False).logits
-            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            ce = cross_entropy(logits, targets)  # chunked fp32: no fp32 [B, T, V] copy
             total = ce if total is None else total + ce
         return total / n_batches
     finally:
@@ -228,21 +238,13 @@ def _scalars_to_floats(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(tensors, values))
 
 
-@dataclass
-class _StepResult:
-    loss: torch.Tensor  # 0-d, detached total loss
-    grad_norm: torch.Tensor  # 0-d, pre-clip global norm
-    log_tensors: dict[str, torch.Tensor]  # only on log steps, in column order
-
-
 class _CellRun:
     """State and steps of one train_cell call (see train_cell)."""
 
     def __init__(self, student, objective: Objective, train_stream, val_stream, sidecar,
-                 cfg: TrainConfig, device: torch.device, hooks: dict[str, Callable]):
+                 cfg: TrainConfig, device: torch.device):
         self.student, self.objective, self.sidecar, self.cfg = student, objective, sidecar, cfg
         self.device = torch.device(device)
-        self.hooks = hooks
         self.router = getattr(student, "engram_skip_router", None)
         self._check_inputs()
         self.autocast, self.precision = autocast_for(self.device, cfg.precision)
@@ -259,7 +261,8 @@ class _CellRun:
         self.step = 0
         self.complete = False
         self.first_bad = torch.full((2,), _NEVER, dtype=torch.int64, device=self.device)
-        self.excluded_s = 0.0  # evaluation/checkpoint time since the last log row
+        self.mark = time.perf_counter()  # start of the current timing interval
+        self.excluded_s = 0.0  # evaluation/checkpoint time inside the current interval
         self.train_s = 0.0  # training time of this call, evaluation excluded
         self.steps_run = 0
 
@@ -335,7 +338,17 @@ class _CellRun:
     def is_log_step(self, s: int) -> bool:
         return s % self.cfg.log_every == 0 or s == self.cfg.steps - 1
 
-    def train_step(self, s: int) -> _StepResult:
+    def close_interval(self) -> float:
+        """Training seconds since the last call (evaluation/checkpoint time excluded)."""
+        now = time.perf_counter()
+        seconds = now - self.mark - self.excluded_s
+        self.train_s += seconds
+        self.mark, self.excluded_s = now, 0.0
+        return seconds
+
+    def train_step(self, s: int) -> dict[str, torch.Tensor]:
+        """One optimiser update. Returns the log tensors (0-d, on the device; in column
+        order) on log steps, {} otherwise."""
         cfg, log_step = self.cfg, self.is_log_step(s)
         lr = cfg.lr * wsd_multiplier(s, cfg.steps, cfg.warmup, cfg.decay_frac)
         lam_vc = aux_lambda(s, cfg.vcontrast_weight, cfg.aux_warmup)
@@ -362,7 +375,8 @@ class _CellRun:
         log: dict[str, torch.Tensor] = {}
         if log_step:  # before clipping (raw gradient) and before the update (values used)
             log = self._log_tensors(loss, result.terms, vc, qd, gates, stats)
-        grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, cfg.grad_clip)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(with_grad, cfg.grad_clip) if with_grad
+                     else torch.zeros((), device=self.device))
         loss = loss.detach()
         bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm)])
         self.first_bad = torch.where(bad & (self.first_bad == _NEVER), s, self.first_bad)
@@ -370,7 +384,7 @@ class _CellRun:
         self.optimizer.zero_grad(set_to_none=True)
         if log_step:
             log["grad_norm"] = grad_norm
-        return _StepResult(loss, grad_norm, log)
+        return log
 
     def _log_tensors(self, loss, terms, vc, qd, gates, stats) -> dict[str, torch.Tensor]:
         reserved = {"step", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_s"}
@@ -392,14 +406,12 @@ class _CellRun:
             log.update(stats)
         return log
 
-    def log_row(self, s: int, result: _StepResult, interval_steps: int,
+    def log_row(self, s: int, log_tensors: dict[str, torch.Tensor], interval_steps: int,
                 interval_s: float) -> dict[str, float]:
         cfg = self.cfg
-        values = _scalars_to_floats(result.log_tensors)
+        values = _scalars_to_floats(log_tensors)
         row: dict[str, float] = {"step": s}
-        row.update({k: values[k] for k in result.log_tensors if k != "grad_norm"})
-        for layer_key in [k for k in list(row) if k.startswith("qdiv_L")][:0]:
-            row.pop(layer_key)
+        row.update({k: v for k, v in values.items() if k != "grad_norm"})
         row["vcontrast_lambda"] = aux_lambda(s, cfg.vcontrast_weight, cfg.aux_warmup)
         row["qdiv_lambda"] = aux_lambda(s, cfg.qdiv_weight, cfg.aux_warmup)
         row["lr"] = cfg.lr * wsd_multiplier(s, cfg.steps, cfg.warmup, cfg.decay_frac)
@@ -430,7 +442,7 @@ def train_cell(student: torch.nn.Module, objective: Objective, train_stream: tor
     resume_state (such a state) continues exactly where it was written.
     """
     t0 = time.perf_counter()
-    run = _CellRun(student, objective, train_stream, val_stream, sidecar, cfg, device, {})
+    run = _CellRun(student, objective, train_stream, val_stream, sidecar, cfg, device)
     if resume_state is not None:
         run.restore(resume_state)
 
@@ -450,6 +462,7 @@ def train_cell(student: torch.nn.Module, objective: Objective, train_stream: tor
 
     def stop() -> TrainOutcome:
         run.raise_if_fault()
+        run.close_interval()
         save()
         return outcome(stopped=True)
 
@@ -459,42 +472,36 @@ def train_cell(student: torch.nn.Module, objective: Objective, train_stream: tor
         t = time.perf_counter()
         before = run.val_sampler.state_dict()
         val = evaluate(student, run.val_sampler, cfg.eval_batches, run.autocast, should_stop)
-        if val is None:
+        value = None if val is None else val.item()
+        run.excluded_s += time.perf_counter() - t
+        if value is None:
             run.val_sampler.load_state_dict(before)
             return False
-        value = val.item()
         if not math.isfinite(value):
             raise NumericalFault(cfg.name, step, "validation loss")
         row = {"step": step, "val_loss": value}
         run.evals.append(row)
         on_eval(row)
-        run.excluded_s += time.perf_counter() - t
         return True
 
     if run.complete:
         return outcome(stopped=False)
     student.train()
-    mark, last_logged = time.perf_counter(), run.step - 1
+    run.mark, last_logged = time.perf_counter(), run.step - 1
     for s in range(run.step, cfg.steps):
         if should_stop():
             return stop()
         if s > 0 and s % cfg.eval_every == 0 and not run_eval(s):
             return stop()
-        result = run.train_step(s)
+        log_tensors = run.train_step(s)
         run.step, run.steps_run = s + 1, run.steps_run + 1
         progress(cfg.batch * cfg.seq_len)
-        if result.log_tensors:
-            run.raise_if_fault()
-            row_values = result  # the transfer below syncs; time the interval after it
-            values_ready = _scalars_to_floats({"loss": row_values.loss})  # sync point
-            del values_ready
-            now = time.perf_counter()
-            interval_s = now - mark - run.excluded_s
-            run.train_s += interval_s
-            row = run.log_row(s, result, s - last_logged, interval_s)
+        if log_tensors:
+            run.raise_if_fault()  # host sync: every queued kernel of this step has run
+            row = run.log_row(s, log_tensors, s - last_logged, run.close_interval())
             run.history.append(row)
             log(row)
-            mark, last_logged, run.excluded_s = time.perf_counter(), s, 0.0
+            last_logged = s
         if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps:
             run.raise_if_fault()
             save()

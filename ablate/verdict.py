@@ -78,6 +78,13 @@ def common_decimals(values: Iterable[float], min_decimals: int = MIN_DECIMALS) -
     return d
 
 
+def row_decimals(values: Iterable[float | None]) -> int:
+    """Decimals for numbers printed side by side: no two different values print the same, and
+    each shows at least its default significant digits (so 9.5e-7 never prints as 0.0000)."""
+    vals = [float(v) for v in values if v is not None and _finite(float(v))]
+    return max([common_decimals(vals)] + [default_decimals(v) for v in vals])
+
+
 def fmt_pair(a: float, b: float) -> tuple[str, str]:
     """a and b printed at their distinguishing precision."""
     d = distinguishing_digits(a, b)
@@ -210,7 +217,7 @@ def evaluate(threshold_name: str, metric: str, cell: str, value: float | None, r
     missing = value is None or math.isnan(float(value))
     d = common_decimals(nums + ([] if missing else [float(value)]))
     if not missing:
-        d = max([d] + [_gap_decimals(float(value), b) for b in nums])
+        d = max([d, default_decimals(float(value))] + [_gap_decimals(float(value), b) for b in nums])
     bt = [fmt(b, d) for b in nums]
 
     if kind in SINGLE_BOUND:
@@ -242,6 +249,19 @@ def evaluate(threshold_name: str, metric: str, cell: str, value: float | None, r
     return ThresholdResult(threshold_name, metric, cell, value, rule_dict, verdict, sentence)
 
 
+def describe_rule(rule: dict[str, Any]) -> str:
+    """A ThresholdResult's rule dict → 'BREAK if value < 10.2735 (log_vocab - 0.1)'."""
+    kind, nums = rule["kind"], rule["bounds"]
+    bounds = [Bound(v, e) for v, e in zip(nums, rule["exprs"])]
+    d = common_decimals(nums)
+    text = [_bound_text(b, fmt(b.value, d)) for b in bounds]
+    if kind in SINGLE_BOUND:
+        return f"BREAK if value {SINGLE_BOUND[kind]} {text[0]}"
+    if kind == "outside":
+        return f"BREAK if value < {text[0]} or value > {text[1]}"
+    return f"BREAK if {text[0]} ≤ value ≤ {text[1]}"
+
+
 def evaluate_spec_rule(threshold_name: str, metric: str, cell: str, value: float | None, rule: Any,
                        names: dict[str, float], meaning: str = "") -> dict[str, Any]:
     """A spec rule whose bounds may be expressions ("log_vocab - 0.1") → the result as a dict.
@@ -265,21 +285,20 @@ def combine(results_for_cell: Iterable[ThresholdResult | dict], soft_at: int = 1
             strong: Iterable[str] = ()) -> dict[str, Any]:
     """Count crossed thresholds of one cell → label 'holds' | 'soft signal' | 'broken'.
 
-    Thresholds named in `strong` are not counted; `strong` is True when one of them is crossed
-    (e.g. a content-gain threshold at a larger margin marks a strong result)."""
+    `strong` names thresholds whose BREAK also marks a strong result (e.g. content gain); they
+    are counted like every other threshold, and `strong` is True when one of them is crossed."""
     strong_names = set(strong)
     rows = [r.to_dict() if isinstance(r, ThresholdResult) else r for r in results_for_cell]
-    counted = [r for r in rows if r["name"] not in strong_names]
-    crossed = [r["name"] for r in counted if r["verdict"] == BREAK]
-    missing = [r["name"] for r in counted if r["verdict"] == MISSING]
+    crossed = [r["name"] for r in rows if r["verdict"] == BREAK]
+    missing = [r["name"] for r in rows if r["verdict"] == MISSING]
     n = len(crossed)
     label = "broken" if n >= broken_at else "soft signal" if n >= soft_at else "holds"
     return {
         "crossed": n,
-        "total": len(counted),
+        "total": len(rows),
         "missing": len(missing),
         "label": label,
-        "strong": any(r["verdict"] == BREAK for r in rows if r["name"] in strong_names),
+        "strong": any(name in strong_names for name in crossed),
         "crossed_names": crossed,
         "missing_names": missing,
     }

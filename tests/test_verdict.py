@@ -190,12 +190,26 @@ def test_combine_table(verdicts, label, crossed):
 
 
 def test_combine_strong_missing_and_custom_cutoffs():
-    rows = _rows({"a": "BREAK", "b": "MISSING", "gain_strong": "BREAK"})
-    out = combine(rows, strong=["gain_strong"])
-    assert out["crossed"] == 1 and out["total"] == 2 and out["missing"] == 1 and out["strong"]
+    rows = _rows({"a": "BREAK", "b": "MISSING", "gain": "HOLD"})
+    out = combine(rows, strong=["gain"])
+    assert (out["crossed"], out["total"], out["missing"], out["strong"]) == (1, 3, 1, False)
     assert out["crossed_names"] == ["a"] and out["missing_names"] == ["b"]
-    assert combine(rows, soft_at=2, broken_at=3, strong=["gain_strong"])["label"] == "holds"
-    assert not combine(_rows({"a": "HOLD", "s": "HOLD"}), strong=["s"])["strong"]
+    rows = _rows({"a": "BREAK", "gain": "BREAK"})
+    out = combine(rows, strong=["gain"])  # a strong threshold counts like any other, and flags strong
+    assert (out["crossed"], out["label"], out["strong"]) == (2, "broken", True)
+    assert combine(rows, soft_at=3, broken_at=4)["label"] == "holds"
+    assert combine(rows, soft_at=2, broken_at=3)["label"] == "soft signal"
+
+
+def test_evaluate_spec_rule_evaluates_expressions():
+    from ablate.verdict import evaluate_spec_rule
+
+    r = evaluate_spec_rule("entropy", "engram_logit_entropy", "c", 10.3467, {"below": "log_vocab - 0.1"},
+                           {"log_vocab": math.log(32000)}, "router entropy, nats")
+    assert r["rule"] == {"kind": "below", "bounds": [math.log(32000) - 0.1], "exprs": ["log_vocab - 0.1"]}
+    assert r["verdict"] == "HOLD" and r["meaning"] == "router entropy, nats"
+    r = evaluate_spec_rule("alpha", "alpha", "c", 0.21, {"outside": [0.14, "0.1 * 2"]}, {})
+    assert r["rule"]["bounds"] == [0.14, 0.2] and r["verdict"] == "BREAK"
 
 
 @pytest.mark.parametrize("real, shuf, outcome", [

@@ -52,6 +52,14 @@ def _token_corpus(train: np.ndarray, val: np.ndarray, vocab_size: int, eos_id: i
 # --------------------------------------------------------------------------------- synthetic
 
 
+def _unigram_entropy(stream: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats) of the empirical token frequencies of stream [N]: what a model that
+    learns only frequencies approaches."""
+    freq = np.bincount(stream, minlength=vocab_size) / stream.size
+    freq = freq[freq > 0]
+    return float(-(freq * np.log(freq)).sum())
+
+
 class SyntheticParams(Params):
     vocab_size: int = Field(512, ge=3, description="V; id 0 is EOS")
     n_tokens: int = Field(400_000, ge=1_000, description="length of the whole stream")
@@ -86,6 +94,7 @@ class SyntheticCorpus(Corpus):
             "structure": synthetic.describe(spec),
             "entropy_rate_nats": synthetic.entropy_rate(spec),
             "val_entropy_bound_nats": synthetic.realised_entropy(spec, stream, start=train.size),
+            "unigram_entropy_nats": _unigram_entropy(train, spec.vocab_size),
             "ln_vocab": float(np.log(spec.vocab_size)),
         }
         return _token_corpus(train, val, spec.vocab_size, synthetic.EOS, None, info)

@@ -1,0 +1,493 @@
+"""The findings report: markdown (+ PNG plots) rendered from results.json ONLY.
+
+Every number in the report is a value of results.json printed through `ablate.verdict.fmt`
+(an exact rounding at the printed precision), a threshold sentence copied from results.json,
+or an agreement tolerance computed by `ablate.verdict.agreement` from two of its values.
+Every path is relative to the report file; absolute paths found in result strings (a command
+line, a checkpoint source) are rewritten relative to the report's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from ablate import plots, store
+from ablate.verdict import agreement, describe_rule, fmt, fmt_gap, row_decimals
+
+CONTENT_GAIN_CONVENTION = (
+    "content_gain = val_loss(shuffled-oracle cell) − val_loss(real-oracle cell): positive when the real "
+    "oracle content lowers the loss. The reference's Δ-diff (real − shuffled) has the opposite sign.")
+DASH = "—"
+ABS_PATH = re.compile(r"(?<![\w.~/\-])(/(?:[\w.@+\-]+/)*[\w.@+\-]+/?)")
+KL_ROWS = 7  # logged steps shown per cell in the KL trajectory table
+
+
+# ------------------------------------------------------------------------------ formatting
+
+
+class Text:
+    """Renders JSON values for one report: numbers via fmt, strings with absolute paths made
+    relative to the report's folder, markdown table cells escaped."""
+
+    def __init__(self, report_dir: Path):
+        self.report_dir = report_dir.resolve()
+
+    def path(self, p: str | Path) -> str:
+        """A path relative to the report's folder, with forward slashes."""
+        return Path(os.path.relpath(Path(p).resolve(), self.report_dir)).as_posix()
+
+    def scrub(self, s: str) -> str:
+        return ABS_PATH.sub(lambda m: self.path(m.group(1)), s)
+
+    def value(self, v: Any, decimals: int | None = None) -> str:
+        if v is None:
+            return DASH
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, (int, float)):
+            return fmt(v, decimals)
+        if isinstance(v, str):
+            return self.scrub(v)
+        if isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            return ", ".join(fmt(x) for x in v)
+        return self.scrub(json.dumps(v, ensure_ascii=False, sort_keys=True))
+
+    def cell(self, v: Any, decimals: int | None = None) -> str:
+        """value() escaped for a markdown table cell."""
+        return self.value(v, decimals).replace("|", "\\|").replace("\n", "<br>")
+
+
+def literal(v: Any) -> str | None:
+    """A spec value as written: strings as they are, everything else as a JSON literal; None
+    (absent) stays None."""
+    return v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False, sort_keys=True)
+
+
+def step_text(step: Any) -> str:
+    """A logged step (floats read back from CSV) as an integer."""
+    return str(int(step)) if isinstance(step, (int, float)) and float(step).is_integer() else fmt(step)
+
+
+def table(header: list[str], rows: Iterable[list[str]]) -> str:
+    rows = list(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts (and lists holding dicts or lists) → {dotted.key: leaf}; list items are
+    keyed by their index. Lists of plain values are leaves."""
+    if isinstance(d, dict) and d:
+        items = d.items()
+    elif isinstance(d, list) and any(isinstance(x, (dict, list)) for x in d):
+        items = ((str(i), x) for i, x in enumerate(d))
+    else:
+        return {prefix: d} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+# --------------------------------------------------------------------------- results access
+
+
+def final_val_loss(cell: dict) -> float | None:
+    m = cell.get("metrics", {})
+    if "val_loss" in m:
+        return m["val_loss"]
+    evals = cell.get("evals") or []
+    return evals[-1]["val_loss"] if evals else None
+
+
+def cell_metrics(results: dict) -> dict[str, dict[str, float]]:
+    """Per-cell metrics, with each pair's metrics attributed to its real cell."""
+    out = {name: dict(c.get("metrics", {})) for name, c in results["cells"].items()}
+    for pair in results.get("pairs", []):
+        real = out.setdefault(pair["real"], {})
+        for k, v in pair["metrics"].items():
+            real.setdefault(k, v)
+    return out
+
+
+def meaning_of(metric: str, meanings: dict[str, str]) -> str | None:
+    """A metric's meaning; per-layer names such as gate_L5 match the template gate_L{l}."""
+    if metric in meanings:
+        return meanings[metric]
+    for template, text in meanings.items():
+        if "{l}" in template and re.fullmatch(re.escape(template).replace(re.escape("{l}"), r"\d+"), metric):
+            return text
+    return None
+
+
+def objective_text(objective: dict) -> str:
+    """{"name": "kl_ce", "lambda": 0.5} → kl_ce(lambda=0.5), parameters as JSON literals."""
+    params = ", ".join(f"{k}={json.dumps(v)}" for k, v in objective.items() if k != "name")
+    return f"{objective.get('name', '?')}({params})" if params else str(objective.get("name", "?"))
+
+
+# ---------------------------------------------------------------------------------- sections
+
+
+def _header(r: dict, t: Text) -> str:
+    lines = [f"# {t.scrub(r['name'])}"]
+    if r.get("description"):
+        lines += ["", f"**Question.** {t.scrub(r['description']).strip()}"]
+    axes = r.get("axes") or {}
+    if axes:
+        lines += ["", "Axes: " + "; ".join(f"{k}: {t.scrub(str(v))}" for k, v in axes.items())]
+    failed = [(n, c) for n, c in r["cells"].items() if c.get("status") != "done"]
+    for name, cell in failed:
+        error = f": {t.scrub(cell['error'])}" if cell.get("error") else ""
+        lines += ["", f"**Cell {name} {cell.get('status')}**{error}"]
+    return "\n".join(lines).strip()
+
+
+def _conventions(r: dict, t: Text) -> str:
+    conv = dict(r.get("conventions") or {})
+    conv.setdefault("content_gain", CONTENT_GAIN_CONVENTION)
+    meanings = r.get("metric_meanings") or {}
+    if "w_align_drift" not in conv and "w_align_drift" in meanings:
+        conv["w_align_drift"] = meanings["w_align_drift"]
+    lines = ["## Conventions", ""] + [f"- **{k}**: {t.scrub(v)}" for k, v in conv.items()]
+    return "\n".join(lines)
+
+
+def _val_loss_matrix(r: dict, t: Text) -> str:
+    cells = r["cells"]
+    finals = {n: final_val_loss(c) for n, c in cells.items()}
+    step0 = {n: c.get("metrics", {}).get("val_loss_step0") for n, c in cells.items()}
+    d = row_decimals([v for v in (*finals.values(), *step0.values()) if v is not None])
+    rows = []
+    for name, c in cells.items():
+        cfg = c.get("config", {})
+        rows.append([name, t.cell(cfg.get("router")), t.cell(cfg.get("oracle")),
+                     t.cell(objective_text(cfg.get("objective", {}))), t.cell(cfg.get("sweep") or DASH),
+                     t.cell(c.get("status")), t.cell(finals[name], d), t.cell(step0[name], d)])
+    out = ["## Validation loss", "",
+           table(["cell", "router", "oracle", "objective", "sweep", "status", "final val_loss (nats)", "val_loss before training"], rows)]
+    sentences = []
+    for pair in r.get("pairs", []):
+        a, b = finals.get(pair["real"]), finals.get(pair["shuffled"])
+        if a is None or b is None:
+            continue
+        s = agreement(pair["real"], a, pair["shuffled"], b, "nats")
+        gain = pair["metrics"].get("content_gain")
+        if gain is not None:
+            effect = ("real content lowered the loss" if gain > 0 else
+                      "real content raised the loss" if gain < 0 else "no difference")
+            s += f"; content_gain = {fmt(gain, sign=True)} nats ({effect})"
+        sentences.append(f"- {s}.")
+    if sentences:
+        out += ["", *sentences]
+    return "\n".join(out)
+
+
+def _metric_order(r: dict, metrics: dict[str, dict[str, float]]) -> list[str]:
+    present = {m for ms in metrics.values() for m in ms}
+    thresholded = [t["metric"] for t in r.get("thresholds", [])]
+    order = list(dict.fromkeys(m for m in thresholded if m in present))
+    for template in r.get("metric_meanings") or {}:
+        matching = sorted(m for m in present if meaning_of(m, {template: ""}) is not None)
+        order += [m for m in matching if m not in order]
+    return order + sorted(present - set(order))
+
+
+def _metrics_table(r: dict, t: Text) -> str:
+    metrics = cell_metrics(r)
+    names = list(r["cells"])
+    by_metric: dict[str, list[dict]] = {}
+    for th in r.get("thresholds", []):
+        by_metric.setdefault(th["metric"], []).append(th)
+    rows = []
+    for m in _metric_order(r, metrics):
+        values = [metrics.get(n, {}).get(m) for n in names]
+        d = row_decimals([v for v in values if v is not None])
+        ths = by_metric.get(m, [])
+        rule = "<br>".join(f"{th['cell']}: {t.cell(describe_rule(th['rule']))}" for th in ths)
+        verdict = "<br>".join(f"{th['cell']}: **{th['verdict']}**" for th in ths)
+        rows.append([m, *(t.cell(v, d) for v in values), rule or DASH, verdict or DASH])
+    if not rows:
+        return ""
+    return "\n".join(["## Fingerprint and probe metrics", "", table(["metric", *names, "threshold", "verdict"], rows)])
+
+
+def _threshold_sentences(r: dict, t: Text) -> str:
+    ths = r.get("thresholds", [])
+    if not ths:
+        return ""
+    lines = ["## Thresholds", ""]
+    lines += [f"- **{th['name']}** ({th['cell']}): {t.scrub(th['sentence'])}" for th in ths]
+    return "\n".join(lines)
+
+
+def _combination(r: dict, t: Text) -> str:
+    comb = r.get("combination") or {}
+    if not comb:
+        return ""
+    rows = [[cell, t.cell(c["crossed"]), t.cell(c["total"]), t.cell(c.get("missing", 0)), f"**{c['label']}**",
+             t.cell(c.get("strong", False)), t.cell(", ".join(c.get("crossed_names", [])) or DASH)]
+            for cell, c in comb.items()]
+    return "\n".join(["## Combination per cell", "",
+                      table(["cell", "crossed", "of", "missing", "label", "strong", "crossed thresholds"], rows)])
+
+
+def _discriminator(r: dict, t: Text) -> str:
+    disc = r.get("discriminator") or []
+    if not disc:
+        return ""
+    rows = [[d["real"], d["shuffled"], t.cell(d.get("real_label")), t.cell(d.get("shuffled_label")),
+             f"**{d['outcome']}**", t.cell(d.get("meaning"))] for d in disc]
+    return "\n".join(["## Discriminator (real vs shuffled)", "",
+                      table(["real", "shuffled", "real label", "shuffled label", "outcome", "meaning"], rows)])
+
+
+def _evenly_spaced(rows: list[dict], n: int) -> list[dict]:
+    if len(rows) <= n:
+        return rows
+    picks = sorted({round(i * (len(rows) - 1) / (n - 1)) for i in range(n)})
+    return [rows[i] for i in picks]
+
+
+def _kl_trajectory(r: dict, t: Text) -> str:
+    out = []
+    columns = ("loss", "kl", "alpha", "w_align_norm", "router_entropy")
+    for name, c in r["cells"].items():
+        rows = [row for row in c.get("history", []) if row.get("kl") is not None]
+        if not rows:
+            continue
+        shown = _evenly_spaced(rows, KL_ROWS)
+        cols = [col for col in columns if any(row.get(col) is not None for row in shown)]
+        decimals = {col: row_decimals([row[col] for row in shown if row.get(col) is not None]) for col in cols}
+        body = [[step_text(row["step"]), *(t.cell(row.get(col), decimals[col]) for col in cols)] for row in shown]
+        out += ["", f"### {name}", "", table(["step", *cols], body)]
+    if not out:
+        return ""
+    return "\n".join(["## KL trajectory (logged training batches)", *out])
+
+
+def _plots(r: dict, t: Text, asset_dir: Path) -> str:
+    asset_dir.mkdir(parents=True, exist_ok=True)
+    cells = {n: c for n, c in r["cells"].items() if c.get("status") == "done"}
+    made = []
+    for title, filename, draw in [
+        ("Training loss and KL", "training.png", lambda p: plots.training_curves(cells, p)),
+        ("Validation loss", "val_loss.png", lambda p: plots.val_loss_curves(cells, p)),
+        ("Thresholds and their bands", "thresholds.png", lambda p: plots.threshold_bands(r.get("thresholds", []), p)),
+        ("Router scale, W_align norm and entropy", "router.png", lambda p: plots.router_curves(cells, p)),
+    ]:
+        path = asset_dir / filename
+        if draw(path):
+            made.append(f"![{title}]({t.path(path)})")
+        else:
+            path.unlink(missing_ok=True)
+    return "\n\n".join(["## Plots", *made]) if made else ""
+
+
+def _key_values(title: str, d: dict, t: Text) -> str:
+    flat = flatten(d)
+    if not flat:
+        return ""
+    return "\n".join([f"### {title}", "", table(["key", "value"], [[k, t.cell(v)] for k, v in flat.items()])])
+
+
+def _health(r: dict, t: Text) -> str:
+    parts = [_key_values("Teacher", r.get("teacher") or {}, t), _key_values("Oracle", r.get("oracle") or {}, t)]
+    parts = [p for p in parts if p]
+    return "\n\n".join(["## Teacher and oracle health", *parts]) if parts else ""
+
+
+def _formulas(r: dict, t: Text, run_dir: Path) -> str:
+    lines = ["## Objectives and logs per cell", ""]
+    for name, c in r["cells"].items():
+        formula = t.scrub(c.get("objective_formula") or DASH)
+        log = c.get("metrics_csv")
+        link = f" · [training log]({t.path(run_dir / log)})" if log else ""
+        lines.append(f"- **{name}**: {formula}{link}")
+    return "\n".join(lines)
+
+
+def _provenance(r: dict, t: Text) -> str:
+    p = r.get("provenance") or {}
+    lines = ["## Provenance", "",
+             f"- code: git {t.value(p.get('git_sha'))}, uncommitted changes: {t.value(p.get('git_dirty'))}",
+             f"- device: {t.value(p.get('device'))} ({t.value(p.get('device_name'))})",
+             f"- seed: {t.value(p.get('seed'))}",
+             f"- started: {t.value(p.get('started'))}; wall time {t.value(p.get('wall_seconds'))} s",
+             f"- schema version: {t.value(r.get('schema_version'))}"]
+    versions = p.get("versions") or {}
+    if versions:
+        lines.append("- versions: " + ", ".join(f"{k} {t.value(v)}" for k, v in versions.items()))
+    plugins = p.get("plugins") or {}
+    if plugins:
+        lines.append("- plugins: " + ", ".join(f"{k} ({t.value(v)})" for k, v in plugins.items()))
+    stages = r.get("stages") or {}
+    if stages:
+        rows = [[name, t.cell(s.get("key")), t.cell(s.get("cached")), t.cell(s.get("seconds"))] for name, s in stages.items()]
+        lines += ["", table(["stage", "key", "cached", "seconds"], rows)]
+    lines += ["", "Command:", "", "```", t.value(p.get("command")), "```"]
+    return "\n".join(lines)
+
+
+def _expectations(r: dict, t: Text) -> str:
+    rows = r.get("expectations") or []
+    if not rows:
+        return ""
+    body = [[t.cell(e["what"]), t.cell(e["expected"]), t.cell(e["got"]), "yes" if e["met"] else "**NO**"] for e in rows]
+    return "\n".join(["## Expectations", "", table(["what", "expected", "got", "met"], body)])
+
+
+def _definitions(r: dict, t: Text) -> str:
+    meanings = r.get("metric_meanings") or {}
+    if not meanings:
+        return ""
+    return "\n".join(["## Metric definitions", ""] + [f"- **{k}**: {t.scrub(v)}" for k, v in meanings.items()])
+
+
+def render_report(results: dict, run_dir: Path, report_path: Path) -> str:
+    """Write the findings report to report_path and its plots to report_path's stem folder
+    (e.g. reports/zeb139.md + reports/zeb139/*.png); return the markdown."""
+    report_path = Path(report_path)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    t = Text(report_path.parent)
+    sections = [
+        _header(results, t), _conventions(results, t), _val_loss_matrix(results, t), _metrics_table(results, t),
+        _threshold_sentences(results, t), _combination(results, t), _discriminator(results, t),
+        _expectations(results, t), _kl_trajectory(results, t),
+        _plots(results, t, report_path.parent / report_path.stem), _health(results, t),
+        _formulas(results, t, Path(run_dir)), _definitions(results, t), _provenance(results, t),
+    ]
+    text = "\n\n".join(s for s in sections if s) + "\n"
+    store.write_atomic(report_path, text.encode())
+    return text
+
+
+# -------------------------------------------------------------------------------- comparison
+
+
+def spec_differences(specs: list[dict]) -> dict[str, list[Any]]:
+    """Dotted keys whose values differ between the dicts → the value in each (None = absent)."""
+    flats = [flatten(s) for s in specs]
+    absent = "<absent>"
+
+    def canon(f: dict, k: str) -> str:
+        return json.dumps(f[k], sort_keys=True, default=str) if k in f else absent
+
+    return {k: [f.get(k) for f in flats] for k in sorted(set().union(*flats))
+            if len({canon(f, k) for f in flats}) > 1}
+
+
+def signed_delta(later: float, first: float, decimals: int) -> tuple[str, str]:
+    """(later − first as '+0.0012', trend arrow ↑ ↓ =), the difference computed exactly."""
+    if later == first:
+        return fmt(0.0, decimals, sign=True), "="
+    sign, arrow = ("+", "↑") if later > first else ("-", "↓")
+    return f"{sign}{fmt_gap(later, first, decimals)}", arrow
+
+
+def _labels(runs: list[dict]) -> list[str]:
+    names = [r["name"] for r in runs]
+    return [n if names.count(n) == 1 else f"{n} #{i + 1}" for i, n in enumerate(names)]
+
+
+def _compare_metrics(runs: list[dict], labels: list[str]) -> str:
+    metrics = [cell_metrics(r) for r in runs]
+    shared_cells = [c for c in runs[0]["cells"] if all(c in r["cells"] for r in runs[1:])]
+    out = ["## Metrics per matching cell"]
+    for cell in shared_cells:
+        per_run = [m.get(cell, {}) for m in metrics]
+        finals = [final_val_loss(r["cells"][cell]) for r in runs]
+        for pr, v in zip(per_run, finals):
+            if v is not None:
+                pr.setdefault("val_loss", v)
+        shared = [k for k in per_run[0] if all(k in pr for pr in per_run[1:])]
+        if not shared:
+            continue
+        rows = []
+        for k in shared:
+            values = [pr[k] for pr in per_run]
+            d = row_decimals(values)
+            deltas = [signed_delta(v, values[0], d) for v in values[1:]]
+            rows.append([k, *(fmt(v, d) for v in values), *(f"{delta} {arrow}" for delta, arrow in deltas)])
+        header = ["metric", *labels, *(f"Δ {lab} − {labels[0]}" for lab in labels[1:])]
+        out += ["", f"### {cell}", "", table(header, rows)]
+    only = sorted({c for r in runs for c in r["cells"]} - set(shared_cells))
+    if only:
+        out += ["", "Cells not present in every run: " + ", ".join(only)]
+    return "\n".join(out)
+
+
+def _compare_verdicts(runs: list[dict], labels: list[str]) -> str:
+    lines = ["## Verdict changes", ""]
+    keyed = [{(th["name"], th["cell"]): th["verdict"] for th in r.get("thresholds", [])} for r in runs]
+    for key in dict.fromkeys(k for kd in keyed for k in kd):
+        seq = [kd.get(key, "absent") for kd in keyed]
+        if len(set(seq)) > 1:
+            lines.append(f"- threshold {key[0]} @ {key[1]}: " + " → ".join(f"{s} ({lab})" for s, lab in zip(seq, labels)))
+    combos = [r.get("combination") or {} for r in runs]
+    for cell in dict.fromkeys(c for cb in combos for c in cb):
+        seq = [cb.get(cell, {}).get("label", "absent") for cb in combos]
+        if len(set(seq)) > 1:
+            lines.append(f"- combination {cell}: " + " → ".join(f"{s} ({lab})" for s, lab in zip(seq, labels)))
+    discs = [{d["real"]: d["outcome"] for d in r.get("discriminator", [])} for r in runs]
+    for cell in dict.fromkeys(c for dd in discs for c in dd):
+        seq = [dd.get(cell, "absent") for dd in discs]
+        if len(set(seq)) > 1:
+            lines.append(f"- discriminator {cell}: " + " → ".join(f"{s} ({lab})" for s, lab in zip(seq, labels)))
+    if len(lines) == 2:
+        lines.append("No threshold verdict, combination label or discriminator outcome changed.")
+    return "\n".join(lines)
+
+
+def _compare_sanity(runs: list[dict], labels: list[str], t: Text) -> str:
+    lines = ["## Sanity", ""]
+    first = runs[0]
+    baselines = [n for n, c in first["cells"].items() if not c.get("config", {}).get("router", True)]
+    for name in baselines:
+        a = final_val_loss(first["cells"][name])
+        for lab, run in zip(labels[1:], runs[1:]):
+            other = run["cells"].get(name)
+            b = final_val_loss(other) if other else None
+            if a is None or b is None:
+                lines.append(f"- router-off baseline {name}: no final val_loss in both {labels[0]} and {lab}.")
+            else:
+                lines.append(f"- router-off baseline {name}: " +
+                             agreement(f"{labels[0]}", a, lab, b, "nats") + ".")
+    if not baselines:
+        lines.append(f"- {labels[0]} has no router-off cell to compare.")
+    oracles = [flatten(r.get("oracle") or {}) for r in runs]
+    differing = spec_differences([r.get("oracle") or {} for r in runs])
+    if not differing:
+        lines.append(f"- oracle statistics are identical across runs ({len(oracles[0])} values).")
+    else:
+        lines += ["- oracle statistics differ:", "",
+                  table(["oracle key", *labels], [[k, *(t.cell(v) for v in vs)] for k, vs in differing.items()])]
+    return "\n".join(lines)
+
+
+def render_comparison(runs: list[dict], report_path: Path) -> str:
+    """Side-by-side report of several runs' results (the first is the reference); writes
+    report_path and returns the markdown."""
+    report_path = Path(report_path)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    t = Text(report_path.parent)
+    labels = _labels(runs)
+    head = ["# Comparison: " + " vs ".join(labels), ""]
+    head += [f"- {lab}: git {t.value(r.get('provenance', {}).get('git_sha'))}, started "
+             f"{t.value(r.get('provenance', {}).get('started'))}" for lab, r in zip(labels, runs)]
+    diffs = spec_differences([r.get("spec") or {} for r in runs])
+    spec_part = ["## Spec keys that differ", ""]
+    if diffs:
+        spec_part.append(table(["key", *labels], [[f"`{k}`", *(t.cell(literal(v)) for v in vs)] for k, vs in diffs.items()]))
+    else:
+        spec_part.append("The resolved specs are identical.")
+    sections = ["\n".join(head), "\n".join(spec_part), _compare_verdicts(runs, labels),
+                _compare_sanity(runs, labels, t), _compare_metrics(runs, labels)]
+    text = "\n\n".join(sections) + "\n"
+    store.write_atomic(report_path, text.encode())
+    return text

@@ -1,0 +1,346 @@
+"""The report is rendered from results.json only: every printed number traces back to it, no
+path is absolute, plots are real PNGs, and a comparison lists exactly the spec keys that differ."""
+
+import copy
+import json
+import math
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from ablate.report import render_comparison, render_report
+from ablate.verdict import combine, discriminate, evaluate_spec_rule
+from ablate_builtins.probes import BUILTIN_PROBES
+
+PNG = b"\x89PNG\r\n\x1a\n"
+NUMBER = re.compile(r"(?<![\w.\-+])[-+]?\d+(?:\.\d+)?(?![\w]|\.\d)")
+AGREE = re.compile(r"\S+ \((?P<a>-?[\d.]+)\) and \S+ \((?P<b>-?[\d.]+)\) agree within (?P<tol>[\d.]+) nats")
+ABSOLUTE = re.compile(r"(^|[\s(\[`'\"|=:])/[\w.]")
+
+LOG_V = math.log(512)
+CELLS = {  # name: (router, oracle, final val_loss)
+    "off_real": (False, "real", 4.554601),
+    "off_shuf": (False, "shuffled", 4.554377),
+    "on_real": (True, "real", 4.563612),
+    "on_shuf": (True, "shuffled", 4.563702),
+}
+THRESHOLDS = [("entropy", "engram_logit_entropy", {"below": "log_vocab - 0.1"}),
+              ("alpha", "alpha", {"outside": [0.14, 0.2]}),
+              ("cross_run", "cross_run_cos", {"below": 0.7}),
+              ("content_gain", "content_gain", {"at_least": 0.001}),
+              ("w_align_drift", "w_align_drift", {"above": 2.0})]
+
+
+def history(router: bool, shift: float) -> list[dict]:
+    rows = []
+    for step in range(0, 200, 10):
+        row = {"step": float(step), "loss": 2.9147 + 0.001 * step / 7 + shift, "ce": 4.6 - step / 1e4}
+        if router:
+            row.update(kl=1.2697 - 0.05 * step / 199 + shift, alpha=0.1 + 0.0004 * step,
+                       w_align_norm=0.0067 * step, router_entropy=LOG_V - 0.0001 * step)
+        rows.append(row)
+    return rows
+
+
+def make_results(root: Path, name: str = "zeb139", entropy: float = 6.2116, lam: float = 0.5,
+                 shift: float = 0.0) -> dict:
+    """A results.json as the engine writes it (schema 1), with absolute paths planted in it."""
+    cells, metrics = {}, {}
+    for cell, (router, oracle, loss) in CELLS.items():
+        m = {"val_loss": loss + shift, "val_loss_step0": 4.559617, "gate_L2": -0.1545, "gate_L5": 0.4012,
+             "retrieval_unique_frac_L2": 0.1386, "inj_ratio_L5": 0.0095}
+        if router:
+            m.update(log_alpha=-1.736, alpha=math.exp(-1.736), w_align_norm=1.3461, w_align_drift=1.3461 / math.sqrt(512),
+                     engram_logit_entropy=entropy + (0.00003 if oracle == "shuffled" else 0.0), log_vocab=LOG_V,
+                     max_lm_head_row_cos=0.7779, kl_first=1.2697, kl_last=1.2212, kl_change=1.2212 - 1.2697)
+        metrics[cell] = m
+        objective = {"name": "kl_ce", "lambda": lam} if router else {"name": "ce"}
+        cells[cell] = {
+            "config": {"router": router, "oracle": oracle, "objective": objective, "base": cell, "sweep": ""},
+            "objective_formula": f"L = (1−λ)·CE + λ·KL, λ = {lam}" if router else "L = CE",
+            "status": "done", "error": None, "metrics": m, "metrics_csv": f"cells/{cell}/metrics.csv",
+            "evals": [{"step": 100, "val_loss": 4.5612}, {"step": 200, "val_loss": loss + shift}],
+            "history": history(router, shift),
+        }
+    cells["on_gauss"] = {
+        "config": {"router": True, "oracle": "gaussian", "objective": {"name": "kl_ce", "lambda": lam},
+                   "base": "on_gauss", "sweep": ""},
+        "objective_formula": "", "status": "failed", "metrics": {}, "metrics_csv": "cells/on_gauss/metrics.csv",
+        "error": f"non-finite loss at step 17; see {root}/runs/{name}/cells/on_gauss/metrics.csv",
+        "evals": [], "history": [],
+    }
+    pairs = [{"real": "off_real", "shuffled": "off_shuf", "metrics": {"content_gain": 4.554377 - 4.554601}},
+             {"real": "on_real", "shuffled": "on_shuf",
+              "metrics": {"content_gain": 4.563702 - 4.563612, "cross_run_cos": 0.99991}}]
+    for pair in pairs:
+        metrics[pair["real"]].update(pair["metrics"])
+    meanings = {k: v for probe in BUILTIN_PROBES for k, v in probe.metrics.items()}
+    thresholds = []
+    for th_name, metric, rule in THRESHOLDS:
+        for cell in ("on_real", "on_shuf"):
+            if metric in ("cross_run_cos", "content_gain") and cell == "on_shuf":
+                continue
+            thresholds.append(evaluate_spec_rule(th_name, metric, cell, metrics[cell].get(metric), rule,
+                                                 {"log_vocab": LOG_V}, meanings.get(metric, "")))
+    combination = {c: combine([t for t in thresholds if t["cell"] == c], strong=["content_gain"])
+                   for c in ("on_real", "on_shuf")}
+    disc = discriminate(combination["on_real"]["label"] == "broken", combination["on_shuf"]["label"] == "broken")
+    spec = {"name": name, "seed": 0, "train": {"steps": 200, "lr": 9e-4, "batch": 4},
+            "oracle": {"rows": 10000, "seeds": [42, 99, 137, 251]},
+            "cells": [{"name": c, "router": r, "objective": {"name": "kl_ce", "lambda": lam} if r else {"name": "ce"}}
+                      for c, (r, _, _) in CELLS.items()]}
+    return {
+        "schema_version": 1, "name": name,
+        "description": "Does a KL+CE objective pull the skip-to-logit router out of the uniform attractor?",
+        "conventions": {"content_gain": "content_gain = val_loss(shuffled) − val_loss(real); Δ-diff is its negative.",
+                        "w_align_drift": "‖W_align − W_align(init)‖_F / √d (W_align starts at zero)."},
+        "spec": spec, "axes": {"objective": "kl_ce", "teacher": "tinyllama"},
+        "stages": {"corpus": {"key": "50d7bcddb6b387ff", "cached": True, "seconds": 0.25, "info": {}},
+                   "teacher": {"key": "ed22c4043e1cdd87", "cached": False, "seconds": 29.3075,
+                               "info": {"path": f"{root}/.ablate-cache/teacher-ed22c4043e1cdd87"}}},
+        "teacher": {"val_loss": 2.1034, "ln_vocab": LOG_V, "source": f"{root}/models/tinyllama"},
+        "oracle": {"populated_fraction": 1.0, "pca_explained_variance_ratio_total": 0.9338690864205668,
+                   "pairwise_abs_cos": {"median": 0.152, "mean": 0.181, "p90": 0.372}, "rows": 10000},
+        "cells": cells, "pairs": pairs, "thresholds": thresholds, "combination": combination,
+        "discriminator": [{"real": "on_real", "shuffled": "on_shuf", **disc,
+                           "real_label": combination["on_real"]["label"],
+                           "shuffled_label": combination["on_shuf"]["label"]}],
+        "metric_meanings": meanings,
+        "provenance": {"git_sha": "d4c7541d74b2c50f6a9ef281f686a63b826ad911", "git_dirty": True,
+                       "versions": {"torch": "2.13.0", "ablate": "0.1.0"}, "plugins": {"probe:gates": "ablate 0.1.0"},
+                       "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "seed": 0,
+                       "command": f"ablate run {root}/specs/zeb139.toml --set train.steps=200",
+                       "started": "2026-04-19T10:00:00Z", "wall_seconds": 1234.5678,
+                       "stage_seconds": {"corpus": 0.25, "teacher": 29.3075}},
+    }
+
+
+def render(tmp_path: Path, results: dict) -> tuple[str, Path]:
+    report = tmp_path / "reports" / f"{results['name']}.md"
+    return render_report(results, tmp_path / "runs" / results["name"], report), report
+
+
+# --------------------------------------------------------------------------- number tracing
+
+
+def json_leaves(obj, numbers: list, strings: list) -> None:
+    if isinstance(obj, dict):
+        strings.extend(str(k) for k in obj)
+        for v in obj.values():
+            json_leaves(v, numbers, strings)
+    elif isinstance(obj, list):
+        for v in obj:
+            json_leaves(v, numbers, strings)
+    elif isinstance(obj, bool) or obj is None:
+        return
+    elif isinstance(obj, (int, float)):
+        numbers.append(obj)
+    else:
+        strings.append(str(obj))
+
+
+def traceable(token: str, numbers: list, strings: list) -> bool:
+    """token is some JSON number rounded at the token's own precision (≥ 4 decimals, or the
+    number's JSON literal), an integer-valued JSON number, or a number inside a JSON string."""
+    body = token.lstrip("+")
+    decimals = len(body.split(".")[1]) if "." in body else None
+    for x in numbers:
+        if decimals is None:
+            if float(x).is_integer() and int(x) == int(body):
+                return True
+        elif body in (json.dumps(x), repr(x)) or (decimals >= 4 and body == f"{x:.{decimals}f}"):
+            return True
+    pattern = re.compile(r"(?<![\w.])" + re.escape(token) + r"(?![\w]|\.\d)")
+    return any(pattern.search(s) for s in strings)
+
+
+def untraceable_numbers(text: str, results: dict) -> list[str]:
+    numbers, strings = [], []
+    json_leaves(results, numbers, strings)
+    text = strip_checked_agreements(text, results)
+    return [tok for tok in NUMBER.findall(text) if not traceable(tok, numbers, strings)]
+
+
+def strip_checked_agreements(text: str, results: dict) -> str:
+    """Verify each agreement tolerance against the two values it compares, then drop it."""
+    values = [float(v) for v in re.findall(r"-?\d+\.\d+", json.dumps(results))]
+    for m in AGREE.finditer(text):
+        a, b, tol = (Fraction(m[k]) for k in ("a", "b", "tol"))
+        unit = Fraction(1, 10 ** len(m["tol"].split(".")[1]))
+        exact = [(x, y) for x in values for y in values
+                 if f"{x:.{len(m['a'].split('.')[1])}f}" == m["a"] and f"{y:.{len(m['b'].split('.')[1])}f}" == m["b"]]
+        assert exact, m[0]
+        x, y = exact[0]
+        gap = abs(Fraction(x) - Fraction(y))
+        assert gap <= tol < gap + unit, m[0]  # the tolerance is |a − b| rounded up, never looser
+    return AGREE.sub(lambda m: m[0].replace(f"within {m['tol']}", "within"), text)
+
+
+def test_every_number_in_the_report_comes_from_results(tmp_path):
+    results = make_results(tmp_path)
+    text, _ = render(tmp_path, results)
+    assert AGREE.search(text)  # the agreement sentences exist and were checked
+    assert untraceable_numbers(text, results) == []
+
+
+def test_the_number_tracer_catches_invented_numbers(tmp_path):
+    results = make_results(tmp_path)
+    assert untraceable_numbers("val_loss 4.554602 and 3.14159 and 77", results) == ["4.554602", "3.14159", "77"]
+    assert untraceable_numbers("val_loss 4.5546 and 4.554601", results) == []
+
+
+# ------------------------------------------------------------------------------- contents
+
+
+def test_report_sections_and_generated_sentences(tmp_path):
+    results = make_results(tmp_path)
+    text, report = render(tmp_path, results)
+    assert report.read_text() == text
+    assert text.startswith("# zeb139\n")
+    assert results["description"] in text
+    for heading in ("## Conventions", "## Validation loss", "## Fingerprint and probe metrics", "## Thresholds",
+                    "## Combination per cell", "## Discriminator", "## KL trajectory", "## Plots",
+                    "## Teacher and oracle health", "## Objectives and logs per cell", "## Provenance"):
+        assert heading in text, heading
+    for th in results["thresholds"]:
+        assert th["sentence"] in text
+    assert "off_real (4.5546) and off_shuf (4.5544) agree within 0.0003 nats" in text
+    assert "content_gain = -0.000224 nats (real content raised the loss)" in text
+    for cell, comb in results["combination"].items():
+        assert f"| {cell} | {comb['crossed']} | {comb['total']} |" in text
+    assert results["discriminator"][0]["meaning"] in text
+    assert "d4c7541d74b2c50f6a9ef281f686a63b826ad911" in text and "uncommitted changes: yes" in text
+    assert "NVIDIA H100 80GB HBM3" in text and "--set train.steps=200" in text
+    assert "**Cell on_gauss failed**" in text
+    assert "| entropy" not in text  # thresholds are listed by metric, not by name, in the fingerprint table
+    assert "| engram_logit_entropy | — | — | 6.2116 | 6.21163 |" not in text  # row shares one precision
+    assert "| engram_logit_entropy | — | — | 6.21160 | 6.21163 |" in text
+
+
+def test_kl_trajectory_shows_seven_evenly_spaced_steps(tmp_path):
+    results = make_results(tmp_path)
+    text, _ = render(tmp_path, results)
+    section = text.split("### on_real\n")[1].split("###")[0]
+    steps = [int(line.split("|")[1]) for line in section.splitlines() if re.match(r"\| \d", line)]
+    logged = [int(r["step"]) for r in results["cells"]["on_real"]["history"]]
+    assert len(steps) == 7 and steps[0] == logged[0] and steps[-1] == logged[-1]
+    assert set(steps) <= set(logged) and steps == sorted(steps)
+    assert "### off_real" not in text.split("## KL trajectory")[1].split("## Plots")[0]  # no KL column
+
+
+def test_no_absolute_path_anywhere(tmp_path):
+    results = make_results(tmp_path)
+    text, report = render(tmp_path, results)
+    assert str(tmp_path) not in text
+    for line in text.splitlines():
+        assert not ABSOLUTE.search(line), line
+    # the rewritten paths still point at the right place, relative to the report's folder
+    assert "../specs/zeb139.toml" in text
+    links = re.findall(r"\]\(([^)]+)\)", text)
+    assert links and all(not Path(link).is_absolute() for link in links)
+    assert "../runs/zeb139/cells/on_real/metrics.csv" in links
+
+
+def test_plots_are_png_files_linked_relative_to_the_report(tmp_path):
+    results = make_results(tmp_path)
+    text, report = render(tmp_path, results)
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(images) == 4
+    for rel in images:
+        path = report.parent / rel
+        assert path.parent == report.parent / "zeb139"
+        assert path.read_bytes()[:8] == PNG
+
+
+def test_minimal_results_render(tmp_path):
+    results = make_results(tmp_path)
+    for key in ("pairs", "thresholds", "discriminator"):
+        results[key] = []
+    results["combination"] = {}
+    for cell in results["cells"].values():
+        cell["history"] = []
+    text, report = render(tmp_path, results)
+    assert "## Thresholds" not in text and "## KL trajectory" not in text
+    assert untraceable_numbers(text, results) == []
+    assert not (report.parent / "zeb139" / "thresholds.png").exists()
+
+
+# ------------------------------------------------------------------------------ comparison
+
+
+def flat_keys(d, prefix=""):
+    """Independent flattening: dict keys and list indices joined with dots, plain lists are leaves."""
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flat_keys(v, f"{prefix}{k}."))
+    elif isinstance(d, list) and any(isinstance(x, (dict, list)) for x in d):
+        for i, v in enumerate(d):
+            out.update(flat_keys(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = json.dumps(d, sort_keys=True)
+    return out
+
+
+def listed_spec_keys(text: str) -> set[str]:
+    section = text.split("## Spec keys that differ")[1].split("\n## ")[0]
+    return {m for m in re.findall(r"^\| `([^`]+)` \|", section, flags=re.M)}
+
+
+def test_comparison_lists_exactly_the_differing_spec_keys(tmp_path):
+    a = make_results(tmp_path, "zeb139")
+    b = make_results(tmp_path, "zeb139_l09", entropy=6.0, lam=0.9, shift=0.02)
+    b["spec"]["train"]["steps"] = 400
+    b["spec"]["train"]["warmup"] = 100  # only in b
+    del b["spec"]["train"]["batch"]  # only in a
+    b["spec"]["oracle"]["seeds"] = [42, 99]
+    fa, fb = flat_keys(a["spec"]), flat_keys(b["spec"])
+    expected = {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
+    assert {"name", "train.steps", "train.warmup", "train.batch", "oracle.seeds", "cells.2.objective.lambda"} <= expected
+
+    text = render_comparison([a, b], tmp_path / "reports" / "zeb139-vs-zeb139_l09.md")
+    assert listed_spec_keys(text) == expected
+    assert (tmp_path / "reports" / "zeb139-vs-zeb139_l09.md").read_text() == text
+    assert str(tmp_path) not in text
+
+
+def test_comparison_deltas_verdict_changes_and_sanity(tmp_path):
+    a = make_results(tmp_path, "zeb139")
+    b = make_results(tmp_path, "zeb139_l09", entropy=6.0, lam=0.9, shift=0.02)
+    text = render_comparison([a, b], tmp_path / "reports" / "cmp.md")
+    # val_loss of on_real: 4.563612 → 4.583612, delta +0.02 upward
+    section = text.split("### on_real\n")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| val_loss |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    first, later, delta = Fraction(cells[1]), Fraction(cells[2]), cells[3]
+    assert delta.endswith("↑") and Fraction(delta.split()[0]) == later - first == Fraction("0.02")
+    # entropy 6.2116 → 6.0 crosses log_vocab − 0.1 = 6.1383: HOLD → BREAK
+    assert "threshold entropy @ on_real: HOLD (zeb139) → BREAK (zeb139_l09)" in text
+    # the router-off baselines moved by 0.02: the agreement sentence says so, computed
+    m = re.search(r"router-off baseline off_real: zeb139 \((?P<a>[\d.]+)\) and zeb139_l09 \((?P<b>[\d.]+)\) "
+                  r"agree within (?P<tol>[\d.]+) nats", text)
+    assert m and Fraction(m["tol"]) >= abs(Fraction(4.554601) - Fraction(4.554601 + 0.02))
+    assert "oracle statistics are identical across runs" in text
+
+    b["oracle"]["pca_explained_variance_ratio_total"] = 0.9
+    text = render_comparison([a, b], tmp_path / "reports" / "cmp.md")
+    assert "oracle statistics differ" in text and "| pca_explained_variance_ratio_total |" in text
+
+
+def test_comparison_of_identical_runs_reports_no_change(tmp_path):
+    a = make_results(tmp_path, "zeb139")
+    text = render_comparison([a, copy.deepcopy(a)], tmp_path / "reports" / "same.md")
+    assert "The resolved specs are identical." in text
+    assert "No threshold verdict, combination label or discriminator outcome changed." in text
+    assert "zeb139 #1" in text and "zeb139 #2" in text
+    assert "+0.0000 =" in text
+
+
+@pytest.mark.parametrize("drop", ["provenance", "teacher", "oracle", "stages"])
+def test_report_tolerates_missing_optional_blocks(tmp_path, drop):
+    results = make_results(tmp_path)
+    results.pop(drop)
+    text, _ = render(tmp_path, results)
+    assert text.startswith("# zeb139")
