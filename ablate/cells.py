@@ -1,8 +1,11 @@
 """One cell = one student (frozen backbone + engram injections [+ router]) trained with one
 objective against one oracle variant. A cell writes only into its own directory:
 
-    cells/<cell>/key.json            what determines it (checked before reuse)
-    cells/<cell>/state.pt            resumable state, rewritten atomically every checkpoint
+    cells/<cell>/key.json            what determines it: its key and the content digests of the
+                                     backbone and oracle it trains on (checked before reuse)
+    cells/<cell>/state.safetensors   resumable state (weights, optimiser, RNG and data-stream
+                                     states, step, metrics so far), rewritten atomically every
+                                     checkpoint; removed once the cell is complete
     cells/<cell>/metrics.csv         the training log, read back by column name
     cells/<cell>/evals.json          validation losses by step
     cells/<cell>/checkpoint.safetensors   the trained (injection/router) weights
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,57 +83,87 @@ def build_student(spec, cell, backbone_path: Path, vocab_size: int, table: torch
     return student.to(device)
 
 
-def cell_key(spec, cell, inputs: dict[str, str]) -> str:
+# Train settings that change when state is saved, never what is computed: left out of the key.
+_KEY_EXEMPT_TRAIN = {"checkpoint_every"}
+STATE_FILE = "state.safetensors"
+
+
+def cell_key(spec, cell, inputs: dict[str, str], code: str = "") -> str:
+    """inputs: the keys of the backbone and oracle stages; code: the objective plugin's version."""
     from ablate.stages import stage_key
 
-    config = {"cell": cell.model_dump(mode="json"), "train": spec.train.model_dump(), "model": spec.model.model_dump()}
-    return stage_key("cell", config, inputs)
+    config = {"cell": cell.model_dump(mode="json"), "train": spec.train.model_dump(exclude=_KEY_EXEMPT_TRAIN),
+              "model": spec.model.model_dump()}
+    return stage_key("cell", config, inputs, code)
 
 
-def same_key(cell_dir: Path, key: str) -> bool:
+def identity(key: str, input_digests: dict[str, str | None]) -> dict:
+    """What a cell directory must record to be reused: its key and its inputs' content digests."""
+    return {"key": key, "inputs": dict(input_digests)}
+
+
+def recorded_identity(cell_dir: Path) -> dict | None:
     try:
-        return store.read_json(cell_dir / "key.json")["key"] == key
-    except (OSError, ValueError, KeyError):
-        return False
+        return store.read_json(cell_dir / "key.json")
+    except (OSError, ValueError):
+        return None
 
 
-def is_complete(cell_dir: Path, key: str) -> bool:
-    return same_key(cell_dir, key) and store.is_done(cell_dir)
+def is_complete(cell_dir: Path, ident: dict) -> bool:
+    return recorded_identity(cell_dir) == ident and store.is_done(cell_dir)
 
 
-def prepare_dir(cell_dir: Path, key: str) -> dict | None:
-    """Keep an interrupted cell's resumable state if it belongs to the same key; else start clean.
-    Returns the resume state, or None."""
-    if not same_key(cell_dir, key) and cell_dir.exists():
+def prepare_dir(cell_dir: Path, ident: dict, warn) -> dict | None:
+    """Keep an interrupted cell's resumable state if it belongs to the same identity; else start
+    clean. Returns the resume state, or None (warn(message) when a state had to be dropped)."""
+    if recorded_identity(cell_dir) != ident and cell_dir.exists():
         shutil.rmtree(cell_dir)
     cell_dir.mkdir(parents=True, exist_ok=True)
-    store.write_json(cell_dir / "key.json", {"key": key})
-    state_file = cell_dir / "state.pt"
-    if state_file.is_file():
-        try:
-            return torch.load(state_file, map_location="cpu", weights_only=True)
-        except Exception:  # a corrupt state file is not fatal: the cell restarts from step 0
-            state_file.unlink()
+    store.remove_temps(cell_dir)  # half-written files of a killed run
+    store.write_json(cell_dir / "key.json", ident)
+    (cell_dir / store.MARKER).unlink(missing_ok=True)  # a corrupt finished cell is recomputed
+    state_file = cell_dir / STATE_FILE
+    if not state_file.is_file():
+        return None
+    try:
+        state = store.load_tree(state_file)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise InputError(f"{state_file} holds no training step")
+        return state
+    except InputError as exc:
+        warn(f"the resume state of {cell_dir.name} is unusable ({exc}); that cell restarts from step 0")
+        state_file.unlink()
+        return None
+
+
+def state_mismatch(state: dict, student) -> str | None:
+    """Why a resume state cannot belong to this student (names, shapes, dtypes), or None."""
+    saved = state.get("student")
+    params = dict(student.trainable_named_parameters())
+    if not isinstance(saved, dict) or set(saved) != set(params):
+        return "its parameter names differ from this student's"
+    for name, p in params.items():
+        t = saved[name]
+        if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != p.dtype:
+            return f"parameter {name} is {getattr(t, 'shape', '?')} {getattr(t, 'dtype', '?')}, expected {tuple(p.shape)} {p.dtype}"
     return None
 
 
 def save_state(cell_dir: Path, state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    store.write_atomic(cell_dir / "state.pt", buf.getvalue())
+    store.save_tree(cell_dir / STATE_FILE, state)
 
 
 def write_outputs(cell_dir: Path, student, outcome, meta: dict[str, Any]) -> None:
-    """Write the cell's final files, the completion marker last."""
+    """Write the cell's final files, the completion marker last, then drop the resume state."""
     weights = {k: v.detach().cpu().contiguous() for k, v in student.trainable_named_parameters()}
-    save_file(weights, str(cell_dir / ".checkpoint.tmp"))
-    (cell_dir / ".checkpoint.tmp").replace(cell_dir / "checkpoint.safetensors")
+    save_file(weights, str(cell_dir / ".checkpoint.safetensors.tmp"))
+    (cell_dir / ".checkpoint.safetensors.tmp").replace(cell_dir / "checkpoint.safetensors")
     store.write_atomic(cell_dir / "metrics.csv", history_csv(outcome.history))
     store.write_json(cell_dir / "evals.json", outcome.evals)
     store.write_json(cell_dir / "outcome.json", {"final_val_loss": outcome.final_val_loss, "steps": outcome.steps_done,
                                                  "seconds": outcome.seconds, "tokens_per_s": outcome.tokens_per_s, **meta})
-    (cell_dir / "state.pt").unlink(missing_ok=True)
-    store.mark_done(cell_dir)
+    store.mark_done(cell_dir, exclude=(STATE_FILE,))
+    (cell_dir / STATE_FILE).unlink(missing_ok=True)
 
 
 def history_csv(rows: list[dict[str, float]]) -> str:
@@ -162,11 +194,11 @@ def load_trained(spec, cell, cell_dir: Path, backbone_path: Path, vocab_size: in
     missing = sorted(set(params) - set(weights))
     if missing:
         raise InputError(f"Cell checkpoint {path} lacks {missing[:3]}…; delete {cell_dir} to retrain that cell.")
+    for name, p in params.items():
+        store.check_tensor(weights[name], name, tuple(p.shape), p.dtype, path)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name].to(p.device))
     return student.eval()
 
 
-def finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)

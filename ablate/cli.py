@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ablate.errors import AblateError
@@ -55,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports-dir", default="reports")
     p.add_argument("--debug", action="store_true")
 
+    p = sub.add_parser("bench", help="time ablate's cell step and oracle pass against plain baselines")
+    p.add_argument("--size", default="full", choices=["full", "small"], help="full = ZEB-139 dimensions")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=None, help="timed steps per measurement")
+    p.add_argument("--out", default="bench.json", help="where to write the JSON results")
+    p.add_argument("--skip-oracle", action="store_true", help="do not time the oracle pass")
+    p.add_argument("--debug", action="store_true")
+
     p = sub.add_parser("clean", help="remove cached artifacts no run references")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--cache-dir", default=".ablate-cache")
@@ -70,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except AblateError as exc:
         if args.debug:
             traceback.print_exc()
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -155,6 +164,8 @@ def argv_is_cli() -> bool:
 
 
 def print_summary(results: dict, exp) -> None:
+    from ablate.verdict import fmt
+
     stages = Table(title="stages")
     for col in ("stage", "status", "seconds", "key"):
         stages.add_column(col)
@@ -171,7 +182,7 @@ def print_summary(results: dict, exp) -> None:
         if c.get("error"):
             status += f": {c['error']}"
         cells.add_row(name, "on" if c["config"]["router"] else "off", c["config"]["oracle"], c["config"]["objective"]["name"],
-                      status, f"{val:.4f}" if val is not None else "—", f"{c['seconds']:.1f}" if c.get("seconds") else "—")
+                      status, fmt(val) if val is not None else "—", f"{c['seconds']:.1f}" if c.get("seconds") else "—")
     console.print(cells)
 
     if results["thresholds"]:
@@ -180,7 +191,7 @@ def print_summary(results: dict, exp) -> None:
             verdicts.add_column(col)
         for t in results["thresholds"]:
             colour = {"BREAK": "red", "HOLD": "green"}.get(t["verdict"], "yellow")
-            value = "—" if t["value"] is None else f"{t['value']:.4f}"
+            value = "—" if t["value"] is None else fmt(t["value"])
             verdicts.add_row(t["name"], t["cell"], t["metric"], value, f"[{colour}]{t['verdict']}[/]")
         console.print(verdicts)
     for cell, comb in results["combination"].items():
@@ -199,6 +210,12 @@ def cmd_report(args) -> int:
     return report_command(args, console)
 
 
+def cmd_bench(args) -> int:
+    from ablate.bench import bench_command
+
+    return bench_command(args, console)
+
+
 def cmd_clean(args) -> int:
     from ablate.report_cli import clean_command
 
@@ -206,7 +223,7 @@ def cmd_clean(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "plugins": cmd_plugins,
-            "report": cmd_report, "clean": cmd_clean}
+            "report": cmd_report, "clean": cmd_clean, "bench": cmd_bench}
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 from ablate import cells as cellmod
 from ablate import provenance, stages, store
 from ablate.components import CellView, ObjectiveContext
-from ablate.errors import AblateError, NumericalFault
+from ablate.errors import AblateError, InputError, NumericalFault
 from ablate.spec import Spec, base_name, cells_for, sweep_label
 
 RESULTS_SCHEMA_VERSION = 1
@@ -48,7 +48,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM set a flag; training saves at the next step boundary and returns."""
+    """SIGINT/SIGTERM set a flag: training saves at the next step boundary (or between evaluation
+    batches) and the run stops with exit code 130. A second signal interrupts at once
+    (KeyboardInterrupt): the stage being computed leaves nothing behind, finished work is kept."""
 
     def __init__(self):
         self.set = False
@@ -60,6 +62,8 @@ class StopFlag:
     @contextmanager
     def installed(self):
         def handler(signum, frame):
+            if self.set:
+                raise KeyboardInterrupt
             self.set, self.signal = True, signum
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -85,6 +89,9 @@ class RunPaths:
         return cls(root / spec.runs_dir / spec.name, root / spec.reports_dir / f"{spec.name}.md", root / spec.cache_dir)
 
 
+STAGES_FILE = "stages.json"  # the cache keys a run uses, written as each stage is resolved (read by `ablate clean`)
+
+
 @dataclass
 class Experiment:
     spec: Spec
@@ -104,38 +111,83 @@ class Experiment:
     # ----------------------------------------------------------------------- preflight
 
     def preflight(self):
-        """Checks that need plugins but no heavy work: teacher reachable, vocab compatible."""
+        """Checks that need plugins but no heavy work: input files exist, the backbone checkpoint
+        exists, the teacher is reachable and its vocabulary matches (when known before loading)."""
         corpus_cls = self.registry.get("corpus", self.spec.corpus.plugin)
         teacher_cls = self.registry.get("teacher", self.spec.teacher.plugin)
         self.corpus_params = corpus_cls.Params.model_validate(self.spec.corpus.params())
         self.teacher = teacher_cls(teacher_cls.Params.model_validate(self.spec.teacher.params()))
+        _check_paths(self.corpus_params, "corpus")
+        _check_paths(self.teacher.params, "teacher")
+        stages.check_backbone_checkpoint(self.spec)
         vocab = getattr(self.corpus_params, "vocab_size", None)
-        self.teacher.check(vocab)
+        if vocab is not None and getattr(self.corpus_params, "tokenizer", None) is None:
+            self.teacher.check(vocab)  # else the vocabulary is known only after tokenising: checked then
         return corpus_cls
+
+    def code_version(self, kind: str, name: str) -> str:
+        """The version of the plugin providing a component: its distribution and version, or the
+        content hash of a --plugin file."""
+        source = self.registry.components[kind][name].source
+        path = Path(source)
+        return f"{path.name}@{store.file_digest(path)[:16]}" if path.is_file() else source
+
+    def stage_keys(self, corpus_cls) -> dict[str, str]:
+        k_corpus = stages.corpus_key(corpus_cls, self.corpus_params, self.code_version("corpus", corpus_cls.name))
+        k_teacher = stages.teacher_key(self.teacher, k_corpus, self.spec.seed,
+                                       self.code_version("teacher", self.teacher.name))
+        return {"corpus": k_corpus, "backbone": stages.backbone_key(self.spec, k_corpus), "teacher": k_teacher,
+                "oracle": stages.oracle_key(self.spec, k_teacher, k_corpus)}
 
     # --------------------------------------------------------------------------- plan
 
     def plan(self) -> list[dict]:
-        """Every stage and cell with its key and whether it is cached (nothing is computed)."""
+        """Every stage and cell with its key, whether it is cached and what would run (nothing is
+        computed; checksums are verified)."""
         corpus_cls = self.preflight()
+        keys = self.stage_keys(corpus_cls)
         cache = self.paths.cache
-        k_corpus = stages.corpus_key(corpus_cls, self.corpus_params)
-        k_bb = stages.backbone_key(self.spec, k_corpus)
-        k_teacher = stages.teacher_key(self.teacher, k_corpus, self.spec.seed)
-        k_oracle = stages.oracle_key(self.spec, k_teacher, k_corpus)
+        upstream = {"corpus": [], "backbone": ["corpus"], "teacher": ["corpus"], "oracle": ["teacher", "corpus"]}
+        digests: dict[str, str | None] = {}  # the data each stage will have if it is rebuilt identically
+        rebuilt: set[str] = set()
         rows = []
-        for name, key in (("corpus", k_corpus), ("backbone", k_bb), ("teacher", k_teacher), ("oracle", k_oracle)):
-            done = self.spec.backbone.source == "checkpoint" if name == "backbone" else store.is_done(cache / f"{name}-{key}")
-            rows.append({"name": name, "key": key, "status": "cached" if done else "would run"})
-        inputs = {"backbone": k_bb, "oracle": k_oracle}
-        for cell in self.spec.cells:
-            key = cellmod.cell_key(self.spec, cell, inputs)
-            cell_dir = self.paths.run_dir / "cells" / cell.name
-            status = "cached" if cellmod.is_complete(cell_dir, key) else (
-                "would resume" if (cell_dir / "state.pt").is_file() and cellmod.same_key(cell_dir, key) else "would run")
-            rows.append({"name": f"cell {cell.name}", "key": key, "status": status})
-        rows.append({"name": "probes, verdicts, report", "key": "—", "status": "would run (cheap; probes cached per cell keys)"})
+        for name, key in keys.items():
+            path = cache / f"{name}-{key}"
+            if name == "backbone" and self.spec.backbone.source == "checkpoint":
+                digests[name] = key
+                rows.append({"name": name, "key": key, "status": f"cached (checkpoint {self.spec.backbone.checkpoint})"})
+                continue
+            ok, why = stages.cache_status(path, {u: digests[u] for u in upstream[name]})
+            digests[name] = store.content_digest(path)
+            status = "cached" + _if_identical([u for u in upstream[name] if u in rebuilt]) if ok else f"would run ({why})"
+            if not ok:
+                rebuilt.add(name)
+            rows.append({"name": name, "key": key, "status": status})
+
+        cell_rows, done_cells = self._plan_cells(keys, digests, rebuilt)
+        rows += cell_rows
+        probe_key = self._probe_key(done_cells) if len(done_cells) == len(self.spec.cells) else None
+        rows.append({"name": "probes", "key": probe_key or "—",
+                     "status": "cached" if probe_key and self._cached_probes(probe_key) else "would run"})
+        rows.append({"name": "verdicts, results.json, report", "key": "—", "status": "always rewritten (cheap)"})
         return rows
+
+    def _plan_cells(self, keys, digests, rebuilt) -> tuple[list[dict], dict[str, Path]]:
+        rows, done = [], {}
+        for cell in self.spec.cells:
+            key = self.cell_key(cell, keys)
+            ident = cellmod.identity(key, {"backbone": digests["backbone"], "oracle": digests["oracle"]})
+            cell_dir = self.paths.run_dir / "cells" / cell.name
+            waits_on = [u for u in ("backbone", "oracle") if u in rebuilt]
+            if cellmod.is_complete(cell_dir, ident):
+                status = "cached" + _if_identical(waits_on)
+                done[cell.name] = cell_dir
+            elif cellmod.recorded_identity(cell_dir) == ident and (cell_dir / cellmod.STATE_FILE).is_file():
+                status = f"would resume from its last checkpoint{_if_identical(waits_on)}"
+            else:
+                status = "would run"
+            rows.append({"name": f"cell {cell.name}", "key": key, "status": status})
+        return rows, done
 
     # ---------------------------------------------------------------------------- run
 
@@ -143,40 +195,55 @@ class Experiment:
         t_start = time.time()
         corpus_cls = self.preflight()
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
-        with store.RunLock(self.paths.run_dir), self.stop.installed():
-            if self.fresh:
-                self._clear_fresh()
-            store.write_json(self.paths.run_dir / "spec.resolved.json", self.spec.model_dump(mode="json", by_alias=True))
-            cache = self.paths.cache
-            r_corpus, corpus = stages.corpus_stage(cache, corpus_cls, self.corpus_params, self.ui)
-            self._record(r_corpus)
-            stages.require_tokens(corpus, self.spec.train.seq_len, "train")
-            r_bb = stages.backbone_stage(cache, self.spec, r_corpus, corpus, self.device, self.ui)
-            self._record(r_bb)
-            r_teacher, teacher_ctx = stages.teacher_stage(cache, self.teacher, r_corpus, corpus, self.device, self.spec.seed, self.ui)
-            self._record(r_teacher)
-            r_oracle, oracle = stages.oracle_stage(cache, self.spec, self.teacher, r_teacher, teacher_ctx, r_corpus, corpus,
-                                                   self.device, self.ui)
-            self._record(r_oracle)
-            variants = cellmod.oracle_variants(oracle, self.spec)
-            self._check_stop()
+        try:
+            with store.RunLock(self.paths.run_dir), self.stop.installed():
+                return self._run_locked(corpus_cls, t_start)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
 
-            t0 = time.perf_counter()
-            cell_records = self._run_cells(corpus, r_bb, r_oracle, variants)
-            self.stage_results["cells"] = stages.StageResult("cells", "", self.paths.run_dir / "cells", False,
-                                                             time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            probe_metrics, pairs = self._run_probes(corpus, r_bb, r_oracle, variants, cell_records)
-            self.stage_results["probes"] = stages.StageResult("probes", "", self.paths.run_dir, False, time.perf_counter() - t0)
-            results = self._results(corpus, r_teacher, r_oracle, oracle, cell_records, probe_metrics, pairs, t_start)
-            store.write_json(self.paths.run_dir / "results.json", results)
-            from ablate.report import render_report
+    def _run_locked(self, corpus_cls, t_start: float) -> dict:
+        store.remove_temps(self.paths.run_dir)  # half-written files of a killed run
+        store.remove_temps(self.paths.report.parent, self.paths.report.name)
+        if self.fresh:
+            self._clear_fresh()
+        store.write_json(self.paths.run_dir / "spec.resolved.json", self.spec.model_dump(mode="json", by_alias=True))
+        cache, fresh = self.paths.cache, self.fresh
+        r_corpus, corpus = stages.corpus_stage(cache, corpus_cls, self.corpus_params, self.ui,
+                                               self.code_version("corpus", corpus_cls.name), fresh)
+        self._record(r_corpus)
+        self.teacher.check(corpus.vocab_size)
+        stages.check_lengths(self.spec, self.teacher, corpus)
+        r_bb = stages.backbone_stage(cache, self.spec, r_corpus, corpus, self.device, self.ui, fresh)
+        self._record(r_bb)
+        r_teacher, teacher_ctx = stages.teacher_stage(cache, self.teacher, r_corpus, corpus, self.device, self.spec.seed,
+                                                      self.ui, self.code_version("teacher", self.teacher.name), fresh)
+        self._record(r_teacher)
+        r_oracle, oracle = stages.oracle_stage(cache, self.spec, self.teacher, r_teacher, teacher_ctx, r_corpus, corpus,
+                                               self.device, self.ui, fresh)
+        self._record(r_oracle)
+        variants = cellmod.oracle_variants(oracle, self.spec)
 
-            render_report(results, self.paths.run_dir, self.paths.report)
-            return results
+        t0 = time.perf_counter()
+        cell_records = self._run_cells(corpus, r_bb, r_oracle, variants)
+        all_cached = all(r.get("cached") for r in cell_records.values())
+        self.stage_results["cells"] = stages.StageResult("cells", "", self.paths.run_dir / "cells", all_cached,
+                                                         time.perf_counter() - t0)
+        self._check_stop()
+        t0 = time.perf_counter()
+        probe_metrics, pairs, probes_cached = self._run_probes(corpus, r_bb, r_oracle, variants, cell_records)
+        self.stage_results["probes"] = stages.StageResult("probes", "", self.paths.run_dir, probes_cached,
+                                                          time.perf_counter() - t0)
+        self._check_stop()
+        results = self._results(corpus, r_teacher, r_oracle, oracle, cell_records, probe_metrics, pairs, t_start)
+        store.write_json(self.paths.run_dir / "results.json", results)
+        from ablate.report import render_report
+
+        render_report(results, self.paths.run_dir, self.paths.report)
+        return results
 
     def _record(self, r: stages.StageResult):
         self.stage_results[r.name] = r
+        store.write_json(self.paths.run_dir / STAGES_FILE, {n: s.key for n, s in self.stage_results.items() if s.key})
         self.ui.info(f"[green]✓[/] {r.name:<9} {'cached' if r.cached else 'computed'} in {r.seconds:6.1f}s  key {r.key}")
         self._check_stop()
 
@@ -185,63 +252,79 @@ class Experiment:
             raise Interrupted()
 
     def _clear_fresh(self):
+        """--fresh: this run's cells and probes start over; its stages are recomputed (and replace
+        their cache entries) as the run reaches them. Other runs' artifacts are untouched."""
         import shutil
 
         cells_dir = self.paths.run_dir / "cells"
         if cells_dir.exists():
             shutil.rmtree(cells_dir)
-        for stage in ("corpus", "backbone", "teacher", "oracle"):
-            for p in self.paths.cache.glob(f"{stage}-*"):
-                shutil.rmtree(p)
         (self.paths.run_dir / "probes.json").unlink(missing_ok=True)
 
     # --------------------------------------------------------------------------- cells
 
-    def cell_keys(self, r_bb, r_oracle) -> dict[str, str]:
-        inputs = {"backbone": r_bb.key, "oracle": r_oracle.key}
-        return {c.name: cellmod.cell_key(self.spec, c, inputs) for c in self.spec.cells}
+    def cell_key(self, cell, stage_keys: dict[str, str]) -> str:
+        inputs = {"backbone": stage_keys["backbone"], "oracle": stage_keys["oracle"]}
+        return cellmod.cell_key(self.spec, cell, inputs, self.code_version("objective", cell.objective.name))
 
     def _run_cells(self, corpus, r_bb, r_oracle, variants) -> dict[str, dict]:
-        from ablate.train import train_cell
-
         records: dict[str, dict] = {}
-        keys = self.cell_keys(r_bb, r_oracle)
+        keys = {"backbone": r_bb.key, "oracle": r_oracle.key}
         for cell in self.spec.cells:
             cell_dir = self.paths.run_dir / "cells" / cell.name
-            key = keys[cell.name]
-            if cellmod.is_complete(cell_dir, key):
+            ident = cellmod.identity(self.cell_key(cell, keys), {"backbone": r_bb.digest, "oracle": r_oracle.digest})
+            if cellmod.is_complete(cell_dir, ident):
+                (cell_dir / cellmod.STATE_FILE).unlink(missing_ok=True)  # killed between its marker and this delete
                 records[cell.name] = self._load_record(cell, cell_dir, cached=True)
                 self.ui.info(f"[green]✓[/] cell {cell.name} cached")
                 continue
-            resume = cellmod.prepare_dir(cell_dir, key)
-            variant = variants[cell.oracle]
-            student = cellmod.build_student(self.spec, cell, r_bb.path, corpus.vocab_size, variant.table, self.device)
-            obj_cls = self.registry.get("objective", cell.objective.name)
-            objective = obj_cls(obj_cls.Params.model_validate(cell.objective.params()),
-                                ObjectiveContext(corpus.vocab_size, corpus.frequencies))
-            cfg = cellmod.train_config(self.spec, cell, self.device)
-            sidecar = variant.sidecar.to(self.device) if obj_cls.needs_sidecar else None
-            total = cfg.steps * cfg.batch * cfg.seq_len
-            if resume is not None:
-                self.ui.info(f"↻ cell {cell.name}: resuming from step {resume['step']}")
-            try:
-                with self.ui.stage(f"cell {cell.name}", total) as progress:
-                    if resume is not None:
-                        progress(resume["step"] * cfg.batch * cfg.seq_len)
-                    outcome = train_cell(student, objective, corpus.train, corpus.val, sidecar, cfg, self.device,
-                                         progress=progress, should_stop=self.stop, resume_state=resume,
-                                         save_state=lambda s, d=cell_dir: cellmod.save_state(d, s))
-            except NumericalFault as fault:
-                records[cell.name] = {"status": "failed", "error": str(fault), "step": fault.step}
-                self.ui.warn(f"cell {cell.name} stopped: {fault}. Its last good checkpoint is kept in "
-                             f"{cell_dir}/state.pt; the other cells still run.")
-                continue
-            if outcome.stopped_early:
-                raise Interrupted()
-            cellmod.write_outputs(cell_dir, student, outcome,
-                                  {"objective_formula": objective.formula(), "device": str(self.device)})
-            records[cell.name] = self._load_record(cell, cell_dir, cached=False)
+            self._check_stop()
+            if cell_dir.exists() and store.read_marker(cell_dir) is not None:
+                self.ui.warn(f"cell {cell.name}: its files are corrupt or it was trained on other inputs; recomputing it")
+            records[cell.name] = self._train_cell(cell, cell_dir, ident, corpus, r_bb, variants)
         return records
+
+    def _train_cell(self, cell, cell_dir: Path, ident: dict, corpus, r_bb, variants) -> dict:
+        from ablate.train import train_cell
+
+        resume = cellmod.prepare_dir(cell_dir, ident, self.ui.warn)
+        variant = variants[cell.oracle]
+        student = cellmod.build_student(self.spec, cell, r_bb.path, corpus.vocab_size, variant.table, self.device)
+        if resume is not None and (why := cellmod.state_mismatch(resume, student)) is not None:
+            self.ui.warn(f"the resume state of cell {cell.name} does not fit its student ({why}); restarting it")
+            (cell_dir / cellmod.STATE_FILE).unlink()
+            resume = None
+        obj_cls = self.registry.get("objective", cell.objective.name)
+        objective = obj_cls(obj_cls.Params.model_validate(cell.objective.params()),
+                            ObjectiveContext(corpus.vocab_size, corpus.frequencies))
+        cfg = cellmod.train_config(self.spec, cell, self.device)
+        sidecar = variant.sidecar.to(self.device) if obj_cls.needs_sidecar else None
+        total = cfg.steps * cfg.batch * cfg.seq_len
+        saved_step = [None if resume is None else int(resume["step"])]
+
+        def save(state: dict) -> None:
+            cellmod.save_state(cell_dir, state)
+            saved_step[0] = int(state["step"])
+
+        if resume is not None:
+            self.ui.info(f"↻ cell {cell.name}: resuming from step {resume['step']}")
+        try:
+            with self.ui.stage(f"cell {cell.name}", total) as progress:
+                if resume is not None:
+                    progress(resume["step"] * cfg.batch * cfg.seq_len)
+                outcome = train_cell(student, objective, corpus.train, corpus.val, sidecar, cfg, self.device,
+                                     progress=progress, should_stop=self.stop, resume_state=resume, save_state=save)
+        except NumericalFault as fault:
+            kept = (f"its last good checkpoint (step {saved_step[0]}) is kept in {cell_dir / cellmod.STATE_FILE}"
+                    if saved_step[0] is not None else "it had no checkpoint yet")
+            self.ui.warn(f"cell {cell.name} stopped: {fault}; {kept}. The other cells still run.")
+            return {"status": "failed", "error": f"{fault}; {kept}", "step": fault.step,
+                    "checkpoint_step": saved_step[0]}
+        if outcome.stopped_early:
+            raise Interrupted()
+        cellmod.write_outputs(cell_dir, student, outcome,
+                              {"objective_formula": objective.formula(), "device": str(self.device)})
+        return self._load_record(cell, cell_dir, cached=False)
 
     def _load_record(self, cell, cell_dir: Path, cached: bool) -> dict:
         outcome = store.read_json(cell_dir / "outcome.json")
@@ -278,20 +361,30 @@ class Experiment:
             rows.append(canonical_rows(b[:, :-1], self.spec.oracle.rows, self.spec.oracle.seeds[0]))
         return batches, rows
 
-    def _run_probes(self, corpus, r_bb, r_oracle, variants, records):
-        done = [c for c in self.spec.cells if records.get(c.name, {}).get("status") == "done"]
-        keys = self.cell_keys(r_bb, r_oracle)
-        probe_names = sorted(self.registry.names("probe"))
-        probe_key = stages.stage_key("probes", {"probes": probe_names, "spec": self.spec.probes.model_dump()},
-                                     {c.name: keys[c.name] for c in done})
-        cache_file = self.paths.run_dir / "probes.json"
+    def _probe_key(self, done_dirs: dict[str, Path]) -> str:
+        """Key of the probe results: the probes' versions and settings and the content digests of
+        the finished cells they read."""
+        names = sorted(self.registry.names("probe"))
+        code = ",".join(sorted({self.code_version("probe", n) for n in names}))
+        return stages.stage_key("probes", {"probes": names, "spec": self.spec.probes.model_dump()},
+                                {name: store.content_digest(d) for name, d in done_dirs.items()}, code)
+
+    def _cached_probes(self, key: str) -> dict | None:
         try:
-            cached = store.read_json(cache_file)
-            if cached.get("key") == probe_key:
-                self.ui.info("[green]✓[/] probes cached")
-                return cached["cells"], cached["pairs"]
+            cached = store.read_json(self.paths.run_dir / "probes.json")
         except (OSError, ValueError):
-            pass
+            return None
+        return cached if isinstance(cached, dict) and cached.get("key") == key else None
+
+    def _run_probes(self, corpus, r_bb, r_oracle, variants, records):
+        """→ (per-cell metrics, pair results, cached?)."""
+        done = [c for c in self.spec.cells if records.get(c.name, {}).get("status") == "done"]
+        probe_names = sorted(self.registry.names("probe"))
+        probe_key = self._probe_key({c.name: records[c.name]["dir"] for c in done})
+        cached = self._cached_probes(probe_key)
+        if cached is not None:
+            self.ui.info("[green]✓[/] probes cached")
+            return cached["cells"], cached["pairs"], True
         batches, rows = self._probe_batches(corpus, r_oracle)
         views: dict[str, CellView] = {}
         for c in done:
@@ -317,8 +410,8 @@ class Experiment:
                     if probe_cls.scope == "pair":
                         metrics.update(_finite_only(probe_cls(probe_cls.Params()).run(views[real], views[control])))
                 pair_results.append({"real": real, "shuffled": control, "metrics": metrics})
-        store.write_json(cache_file, {"key": probe_key, "cells": cell_metrics, "pairs": pair_results})
-        return cell_metrics, pair_results
+        store.write_json(self.paths.run_dir / "probes.json", {"key": probe_key, "cells": cell_metrics, "pairs": pair_results})
+        return cell_metrics, pair_results, False
 
     # ------------------------------------------------------------------------- results
 
@@ -367,6 +460,7 @@ class Experiment:
                            "base": base_name(cell.name), "sweep": sweep_label(cell.name)},
                 "objective_formula": outcome.get("objective_formula", ""),
                 "status": rec.get("status", "skipped"), "error": rec.get("error"), "cached": rec.get("cached", False),
+                "failed_at_step": rec.get("step"), "checkpoint_step": rec.get("checkpoint_step"),
                 "metrics": metrics.get(cell.name, {}),
                 "metrics_csv": f"cells/{cell.name}/metrics.csv",
                 "evals": rec.get("evals", []),
@@ -394,6 +488,19 @@ class Experiment:
 
             results["expectations"] = check_expectations(spec.expect, results, names)
         return results
+
+
+def _check_paths(params, where: str) -> None:
+    """InputError for any file or folder a plugin's parameters name that does not exist."""
+    for name, value in params:
+        for p in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(p, Path) and not p.exists():
+                raise InputError(f"[{where}] {name} = {str(p)!r} does not exist. Fix the path in the spec "
+                                 f"(relative paths are read from the directory you run ablate in).")
+
+
+def _if_identical(upstream: list[str]) -> str:
+    return f" if {' and '.join(upstream)} rebuild{'s' if len(upstream) == 1 else ''} with identical data" if upstream else ""
 
 
 def _finite_only(d: dict) -> dict:

@@ -5,9 +5,12 @@ rows [B, T] int64 (sidecar row per position, −1 = masked), weights [B, T] (opt
 
 All maths runs in float32 whatever the input dtype, one chunk of positions at a time: each
 chunk gathers its own sidecar rows and upcasts only [chunk, V], so no float32 [B, T, V] copy
-ever exists. The backward pass recomputes each chunk and writes the analytic gradient straight
-into a tensor of z_r's dtype, so autograd keeps no per-chunk activations either. Gradients
-flow to z_r only; the sidecar, rows and weights are data.
+ever exists. When z_r needs a gradient, the forward pass writes the analytic gradient of each
+chunk straight into a tensor of z_r's dtype (one pass over the logits instead of a forward
+and a recomputing backward); autograd keeps that tensor instead of z_r, and the backward pass
+only multiplies it by the upstream gradient, in place. On CUDA each chunk runs as one
+compiled graph (ablate.fastpath). Gradients flow to z_r only; the sidecar, rows and weights
+are data.
 
 Divergences return (Σ_p w_p·D_p, Σ_p w_p) over unmasked positions; `masked_mean` divides.
 """
@@ -20,6 +23,7 @@ from typing import Callable, Literal
 import torch
 from torch.autograd.function import once_differentiable
 
+from ablate import fastpath
 from ablate.errors import InputError
 
 Direction = Literal["forward", "reverse"]
@@ -61,42 +65,53 @@ _DIVERGENCES: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tenso
 }
 
 
-def _chunk_log_probs(z: torch.Tensor, sidecar: torch.Tensor, rows: torch.Tensor, temperature: float):
-    """z [c, V] and rows [c] → (log softmax(z/T), log softmax(S[rows]/T)), both float32 [c, V]."""
+def _divergence_chunk(z: torch.Tensor, sidecar: torch.Tensor, rows: torch.Tensor,
+                      weights: torch.Tensor, kind: str, temperature: float, with_grad: bool):
+    """One chunk: z [c, V] (any float dtype), rows [c], weights [c] float32
+    → (D per row [c] float32, w·∂D/∂z [c, V] in z's dtype, or None without with_grad).
+
+    Runs as one compiled graph on CUDA (see ablate.fastpath): the sidecar gather, both log
+    softmaxes and the gradient fuse, so no float32 [c, V] intermediate reaches memory there.
+    """
     log_r = torch.log_softmax(z.float() / temperature, dim=-1)
     log_t = torch.log_softmax(sidecar[rows.clamp(min=0)].float() / temperature, dim=-1)
-    return log_r, log_t
+    div, grad = _DIVERGENCES[kind](log_r, log_t)
+    if not with_grad:
+        return div, None
+    return div, (grad * (weights / temperature)[:, None]).to(z.dtype)
+
+
+_divergence_chunk_fast = fastpath.dispatch_compiled(_divergence_chunk)
 
 
 class _RowDivergence(torch.autograd.Function):
-    """Σ_p w_p·D(softmax(z_p/T), softmax(S[row_p]/T)) with z [P, V], rows [P], w [P] float32."""
+    """Σ_p w_p·D(softmax(z_p/T), softmax(S[row_p]/T)) with z [P, V], rows [P], w [P] float32.
+
+    The gradient is computed in the same pass as the value (when z needs one) and kept in z's
+    dtype; backward only scales it by the upstream gradient, in place. z itself is not saved.
+    """
 
     @staticmethod
     def forward(ctx, z, sidecar, rows, weights, kind: str, temperature: float, chunk: int):
-        ctx.save_for_backward(z, sidecar, rows, weights)
-        ctx.kind, ctx.temperature, ctx.chunk = kind, temperature, chunk
+        with_grad = ctx.needs_input_grad[0]
+        grad_z = torch.empty_like(z) if with_grad else None
         total = torch.zeros((), dtype=torch.float64, device=z.device)
         with torch.autocast(z.device.type, enabled=False):
             for start in range(0, z.shape[0], chunk):
                 part = slice(start, start + chunk)
-                log_r, log_t = _chunk_log_probs(z[part], sidecar, rows[part], temperature)
-                div, _ = _DIVERGENCES[kind](log_r, log_t)
+                div, grad = _divergence_chunk_fast(z[part], sidecar, rows[part], weights[part],
+                                                   kind, temperature, with_grad)
                 total += (div * weights[part]).sum(dtype=torch.float64)
+                if with_grad:
+                    grad_z[part] = grad
+        ctx.save_for_backward(grad_z)
         return total.float()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total):
-        z, sidecar, rows, weights = ctx.saved_tensors
-        grad_z = torch.empty_like(z)
-        scale = grad_total.float() / ctx.temperature  # d(z/T)/dz = 1/T
-        with torch.autocast(z.device.type, enabled=False):
-            for start in range(0, z.shape[0], ctx.chunk):
-                part = slice(start, start + ctx.chunk)
-                log_r, log_t = _chunk_log_probs(z[part], sidecar, rows[part], ctx.temperature)
-                _, grad = _DIVERGENCES[ctx.kind](log_r, log_t)
-                grad_z[part] = grad * (weights[part] * scale)[:, None]
-        return grad_z, None, None, None, None, None, None
+        (grad_z,) = ctx.saved_tensors
+        return grad_z.mul_(grad_total), None, None, None, None, None, None
 
 
 def _row_divergence(z_r, sidecar, rows, weights, kind: str, temperature: float, chunk: int):
@@ -156,35 +171,47 @@ def masked_mean(total: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
     return total / torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
 
 
+def _cross_entropy_chunk(z: torch.Tensor, targets: torch.Tensor, with_grad: bool):
+    """One chunk: z [c, V], targets [c] → (−log softmax(z)[y] per row [c] float32,
+    softmax(z) − onehot(y) [c, V] in z's dtype, or None without with_grad)."""
+    zf = z.float()
+    lse = torch.logsumexp(zf, dim=-1)
+    nll = lse - zf.gather(1, targets[:, None]).squeeze(1)
+    if not with_grad:
+        return nll, None
+    softmax = torch.exp(zf - lse[:, None])
+    is_target = torch.arange(z.shape[1], device=z.device) == targets[:, None]
+    return nll, torch.where(is_target, softmax - 1.0, softmax).to(z.dtype)
+
+
+_cross_entropy_chunk_fast = fastpath.dispatch_compiled(_cross_entropy_chunk)
+
+
 class _CrossEntropy(torch.autograd.Function):
-    """Mean over P positions of −log softmax(z)[y], z [P, V], y [P]."""
+    """Mean over P positions of −log softmax(z)[y], z [P, V], y [P]; the gradient is computed
+    in the forward pass (when z needs one) and scaled in place in backward."""
 
     @staticmethod
     def forward(ctx, z, targets, chunk: int):
-        ctx.save_for_backward(z, targets)
-        ctx.chunk = chunk
+        with_grad = ctx.needs_input_grad[0]
+        grad_z = torch.empty_like(z) if with_grad else None
         total = torch.zeros((), dtype=torch.float64, device=z.device)
         with torch.autocast(z.device.type, enabled=False):
             for start in range(0, z.shape[0], chunk):
                 part = slice(start, start + chunk)
-                zf = z[part].float()
-                picked = zf.gather(1, targets[part, None]).squeeze(1)
-                total += (torch.logsumexp(zf, dim=-1) - picked).sum(dtype=torch.float64)
+                nll, grad = _cross_entropy_chunk_fast(z[part], targets[part], with_grad)
+                total += nll.sum(dtype=torch.float64)
+                if with_grad:
+                    grad_z[part] = grad
+        ctx.save_for_backward(grad_z)
+        ctx.positions = z.shape[0]
         return (total / z.shape[0]).float()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_mean):
-        z, targets = ctx.saved_tensors
-        grad_z = torch.empty_like(z)
-        scale = grad_mean.float() / z.shape[0]
-        with torch.autocast(z.device.type, enabled=False):
-            for start in range(0, z.shape[0], ctx.chunk):
-                part = slice(start, start + ctx.chunk)
-                grad = torch.softmax(z[part].float(), dim=-1)
-                grad.scatter_add_(1, targets[part, None], torch.full_like(grad[:, :1], -1.0))
-                grad_z[part] = grad * scale
-        return grad_z, None, None
+        (grad_z,) = ctx.saved_tensors
+        return grad_z.mul_(grad_mean / ctx.positions), None, None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:

@@ -22,7 +22,9 @@ CONTENT_GAIN_CONVENTION = (
     "content_gain = val_loss(shuffled-oracle cell) − val_loss(real-oracle cell): positive when the real "
     "oracle content lowers the loss. The reference's Δ-diff (real − shuffled) has the opposite sign.")
 DASH = "—"
-ABS_PATH = re.compile(r"(?<![\w.~/\-])(/(?:[\w.@+\-]+/)*[\w.@+\-]+/?)")
+# An absolute path: at least two components, the first of which exists under / (so formula text
+# such as "S[row]/T" is never mistaken for a path).
+ABS_PATH = re.compile(r"(?<![\w.~/\-])(/([\w.@+\-]+)/(?:[\w.@+\-]+/)*[\w.@+\-]*)")
 KL_ROWS = 7  # logged steps shown per cell in the KL trajectory table
 
 
@@ -41,7 +43,7 @@ class Text:
         return Path(os.path.relpath(Path(p).resolve(), self.report_dir)).as_posix()
 
     def scrub(self, s: str) -> str:
-        return ABS_PATH.sub(lambda m: self.path(m.group(1)), s)
+        return ABS_PATH.sub(lambda m: self.path(m.group(1)) if Path("/", m.group(2)).exists() else m.group(1), s)
 
     def value(self, v: Any, decimals: int | None = None) -> str:
         if v is None:
@@ -326,7 +328,7 @@ def _provenance(r: dict, t: Text) -> str:
     plugins = p.get("plugins") or {}
     if plugins:
         lines.append("- plugins: " + ", ".join(f"{k} ({t.value(v)})" for k, v in plugins.items()))
-    stages = r.get("stages") or {}
+    stages = r.get("stages") or {name: {"seconds": sec} for name, sec in (p.get("stage_seconds") or {}).items()}
     if stages:
         rows = [[name, t.cell(s.get("key")), t.cell(s.get("cached")), t.cell(s.get("seconds"))] for name, s in stages.items()]
         lines += ["", table(["stage", "key", "cached", "seconds"], rows)]

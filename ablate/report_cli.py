@@ -55,28 +55,55 @@ def report_command(args, console) -> int:
 
 
 def referenced_keys(runs_dir: Path) -> set[str]:
+    """Cache keys some run uses: from its results.json, or (for a run still going or interrupted)
+    the stages.json it writes as each stage is resolved."""
+    from ablate.engine import STAGES_FILE
+
     keys = set()
-    for run in Path(runs_dir).glob("*/results.json"):
-        try:
-            keys |= {st["key"] for st in store.read_json(run)["stages"].values() if st.get("key")}
-        except (ValueError, KeyError):
-            continue
+    for run in sorted(p for p in Path(runs_dir).glob("*") if p.is_dir()):
+        for name in ("results.json", STAGES_FILE):
+            try:
+                data = store.read_json(run / name)
+                found = [st.get("key") for st in data["stages"].values()] if name == "results.json" else list(data.values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+            keys |= {k for k in found if isinstance(k, str) and k}
     return keys
 
 
+def active_runs(runs_dir: Path) -> list[str]:
+    """Runs whose lock is held now, described by their holder."""
+    active = []
+    for lock_path in sorted(Path(runs_dir).glob(f"*/{store.RUN_LOCK}")):
+        if store.is_locked(lock_path):
+            owner = store.FileLock(lock_path).owner()
+            active.append(f"{lock_path.parent.name} (pid {owner.get('pid', '?')})")
+    return active
+
+
 def clean_command(args, console) -> int:
+    """Remove cache entries no run references and half-written entries of killed runs."""
     cache = Path(args.cache_dir)
     if not cache.is_dir():
         console.print(f"nothing to clean: {cache} does not exist")
         return 0
+    active = active_runs(Path(args.runs_dir))
+    if active:
+        raise AblateError(f"Runs in progress: {', '.join(active)}. `ablate clean` cannot tell which cache entries "
+                          f"they still need; run it after they finish.")
     keep = referenced_keys(Path(args.runs_dir))
     removed = 0
     for path in sorted(cache.iterdir()):
-        key = path.name.rsplit("-", 1)[-1]
-        if path.is_dir() and key not in keep:
-            console.print(f"{'would remove' if args.dry_run else 'removing'} {path}")
-            if not args.dry_run:
-                shutil.rmtree(path)
-            removed += 1
+        if not path.is_dir() or path.name == store.STAGE_LOCKS:
+            continue
+        half_written = path.name.startswith(".") and path.name.endswith(store.TEMP_SUFFIX)
+        entry = path.name[1:].split(".", 1)[0] if half_written else path.name
+        if (not half_written and entry.rsplit("-", 1)[-1] in keep) or store.is_locked(store.stage_lock_path(cache, entry)):
+            continue
+        what = "half-written " if half_written else ""
+        console.print(f"{'would remove' if args.dry_run else 'removing'} {what}{path}")
+        if not args.dry_run:
+            shutil.rmtree(path)
+        removed += 1
     console.print(f"{removed} unreferenced artifact(s) {'found' if args.dry_run else 'removed'}; {len(keep)} referenced kept")
     return 0

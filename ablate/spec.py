@@ -416,8 +416,9 @@ def check_references(spec: Spec, registry) -> list[tuple[str, str]]:
         for key, values in spec.sweep.axes().items():
             if not isinstance(values, list) or not values:
                 problems.append((f"sweep.{key}", "a sweep axis needs a non-empty list of values"))
-            elif not key.startswith(("objective.", "router", "oracle")):
-                problems.append((f"sweep.{key}", 'sweep keys are cell fields, e.g. "objective.lambda", "router" or "oracle"'))
+            elif not (key in ("objective", "router", "oracle") or key.startswith("objective.")):
+                problems.append((f"sweep.{key}", 'sweep keys are cell fields: "objective" (whole objective tables), '
+                                                 '"objective.<param>", "router" or "oracle"'))
 
     for i, th in enumerate(spec.thresholds):
         for j, cell in enumerate(th.cells):
@@ -476,12 +477,17 @@ def _check_plugins(spec: Spec, registry) -> list[tuple[str, str]]:
             problems.append((f"cells[{i}]", f"objective {cell.objective.name!r} trains the router's distribution; set router = true or use objective \"ce\""))
     if spec.sweep is not None:
         for key, values in spec.sweep.axes().items():
-            if not key.startswith("objective.") or not isinstance(values, list):
+            if not isinstance(values, list):
                 continue
-            field = key.split(".", 1)[1]
-            for cell in spec.cells:
-                if cell.name in spec.sweep.cells:
-                    for v in values:
+            for cell in (c for c in spec.cells if c.name in spec.sweep.cells):
+                for v in values:
+                    if key == "objective" and isinstance(v, (dict, str)):
+                        ref = ObjectiveRef.model_validate({"name": v} if isinstance(v, str) else v)
+                        cls = check("objective", ref.name, ref.params(), f"sweep.objective[{ref.name}]")
+                        if cls is not None and cls.needs_router and not cell.router:
+                            problems.append(("sweep.objective", f"objective {ref.name!r} needs router = true in cell {cell.name!r}"))
+                    elif key.startswith("objective."):
+                        field = key.split(".", 1)[1]
                         check("objective", cell.objective.name, {**cell.objective.params(), field: v}, f"sweep.{key}")
     produced = set()
     for probe_cls in registry.components["probe"].values():
@@ -508,24 +514,38 @@ def expand_sweeps(spec: Spec) -> Spec:
         return spec
     axes = spec.sweep.axes()
     keys = list(axes)
+    labels = {k: _value_labels(axes[k]) for k in keys}
     cells: list[CellSpec] = []
     for cell in spec.cells:
         if cell.name not in spec.sweep.cells:
             cells.append(cell)
             continue
-        for point in itertools.product(*(axes[k] for k in keys)):
+        for point in itertools.product(*(range(len(axes[k])) for k in keys)):
             data = cell.model_dump(by_alias=True)
             data["objective"] = {"name": cell.objective.name, **cell.objective.params()}
-            label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, point))
-            for k, v in zip(keys, point):
+            for k, i in zip(keys, point):
                 node = data
                 *head, tail = k.split(".")
                 for h in head:
                     node = node[h]
-                node[tail] = v
+                node[tail] = copy.deepcopy(axes[k][i])
+            label = ",".join(f"{k.split('.')[-1]}={labels[k][i]}" for k, i in zip(keys, point))
             data["name"] = f"{cell.name}@{label}"
             cells.append(CellSpec.model_validate(data))
     return spec.model_copy(update={"cells": cells})
+
+
+def _value_labels(values: list) -> list[str]:
+    """Short names for sweep values; a whole objective table is named by its plugin name, plus
+    the parameters that tell apart tables of the same plugin."""
+    if not all(isinstance(v, dict) for v in values):
+        return [str(v) for v in values]
+    out = []
+    for v in values:
+        same = [w for w in values if w.get("name") == v.get("name")]
+        differing = [k for k in v if k != "name" and len({str(w.get(k)) for w in same}) > 1]
+        out.append("-".join([str(v.get("name"))] + [str(v[k]) if isinstance(v[k], str) else f"{k}{v[k]}" for k in differing]))
+    return out
 
 
 def base_name(cell_name: str) -> str:

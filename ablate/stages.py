@@ -1,8 +1,11 @@
 """The shared, cached stages: corpus → backbone → teacher → oracle.
 
 Each stage's artifact lives in `<cache>/<stage>-<key>/`, where the key hashes the stage's
-resolved config, its inputs' keys and the stage's code version. A complete directory (marker
-present, checksums matching) is reused; anything else is recomputed.
+resolved config, its inputs' keys and the code version that matters. A directory is reused when
+its marker is present, every file matches its checksum, and the content digests of the inputs it
+was built from equal those of the current inputs; anything else is recomputed (only that stage:
+a recomputed input with byte-identical data keeps its dependants). Loading checks every tensor's
+shape and dtype.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -24,7 +27,7 @@ from ablate.components import TeacherContext, TokenCorpus
 from ablate.errors import InputError
 
 # Bump a stage's version when its code changes what it writes.
-CODE_VERSIONS = {"corpus": 1, "backbone": 1, "teacher": 1, "oracle": 1, "cell": 1, "probes": 1}
+CODE_VERSIONS = {"corpus": 1, "backbone": 1, "teacher": 1, "oracle": 1, "cell": 2, "probes": 2}
 
 
 @dataclass
@@ -35,59 +38,85 @@ class StageResult:
     cached: bool
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    digest: str = ""  # content digest of the artifact's data (what dependants were built from)
 
 
-def stage_key(stage: str, config: Any, inputs: dict[str, str]) -> str:
-    return store.stable_hash({"stage": stage, "version": CODE_VERSIONS[stage], "config": config, "inputs": inputs})
+def stage_key(stage: str, config: Any, inputs: dict[str, str], code: str = "") -> str:
+    """Hash of the stage's normalised config, its inputs' keys and the code version that matters
+    (the stage's CODE_VERSIONS entry plus `code`, the version of the plugin that computes it)."""
+    return store.stable_hash({"stage": stage, "version": CODE_VERSIONS[stage], "code": code, "config": config,
+                              "inputs": inputs})
 
 
-def cached_dir(cache: Path, stage: str, key: str, ui) -> tuple[Path, bool]:
-    """The stage directory and whether it holds a complete, uncorrupted artifact."""
-    path = cache / f"{stage}-{key}"
+def cache_status(path: Path, inputs: dict[str, str | None]) -> tuple[bool, str]:
+    """(reusable, why not): a complete, uncorrupted artifact built from inputs with these
+    content digests (None = that input is not built yet, so the match is unknown)."""
     if not path.exists():
-        return path, False
-    if store.is_done(path):
-        return path, True
+        return False, "not built"
     bad = store.corrupt_files(path)
-    ui.warn(f"{stage} artifact {path.name} is incomplete or corrupt ({', '.join(bad)}); recomputing that stage")
+    if bad:
+        return False, f"incomplete or corrupt ({', '.join(bad)})"
+    recorded = store.marker_inputs(path)
+    changed = sorted(k for k, d in inputs.items() if d is not None and recorded.get(k) != d)
+    if changed:
+        return False, f"built from a different {' and '.join(changed)} than the current one"
+    return True, ""
+
+
+def build_or_reuse(cache: Path, stage: str, key: str, inputs: dict[str, str], ui, fresh: bool,
+                   build: Callable[[Path], None]) -> tuple[Path, bool]:
+    """Reuse `<cache>/<stage>-<key>` when cache_status allows (and not fresh); otherwise run
+    build(tmp_dir) under the entry's lock, write the marker last and rename into place."""
+    path = cache / f"{stage}-{key}"
+    with store.stage_lock(cache, path.name, ui.info):
+        ok, why = cache_status(path, inputs)
+        if ok and not fresh:
+            return path, True
+        if path.exists() and not ok:
+            ui.warn(f"{stage} artifact {path.name} is {why}; recomputing that stage")
+        store.remove_temps(cache, path.name)  # a killed run's half-written attempt
+        with store.staging(path) as tmp:
+            build(tmp)
+            store.mark_done(tmp, inputs)
     return path, False
 
 
-def _timed(name, key, path, cached, t0, info) -> StageResult:
-    return StageResult(name, key, path, cached, time.perf_counter() - t0, info)
+def _timed(name, key, path, cached, t0, info, digest) -> StageResult:
+    return StageResult(name, key, path, cached, time.perf_counter() - t0, info, digest)
 
 
 # ------------------------------------------------------------------------------------ corpus
 
 
-def corpus_key(corpus_cls, params) -> str:
-    return stage_key("corpus", {"plugin": corpus_cls.name, "params": params.model_dump(mode="json")}, {})
+def corpus_key(corpus_cls, params, code: str = "") -> str:
+    return stage_key("corpus", {"plugin": corpus_cls.name, "params": params.model_dump(mode="json")}, {}, code)
 
 
-def corpus_stage(cache: Path, corpus_cls, params, ui) -> tuple[StageResult, TokenCorpus]:
+def corpus_stage(cache: Path, corpus_cls, params, ui, code: str = "", fresh: bool = False
+                 ) -> tuple[StageResult, TokenCorpus]:
     t0 = time.perf_counter()
-    key = corpus_key(corpus_cls, params)
-    path, cached = cached_dir(cache, "corpus", key, ui)
-    if not cached:
-        with store.staging(path) as tmp:
-            with ui.stage("corpus", None, "docs") as progress:
-                corpus = corpus_cls(params).load(tmp, progress)
-            _check_corpus(corpus, corpus_cls.name)
-            freq = torch.bincount(corpus.train.long(), minlength=corpus.vocab_size).to(torch.float64)
-            save_file({"tokens": corpus.train.to(torch.int64).contiguous(), "frequencies": freq}, tmp / "train.safetensors")
-            save_file({"tokens": corpus.val.to(torch.int64).contiguous()}, tmp / "val.safetensors")
-            tok = None
-            if corpus.tokenizer_path is not None:
-                tok = "tokenizer.json"
-                if Path(corpus.tokenizer_path).resolve() != (tmp / tok).resolve():
-                    shutil.copyfile(corpus.tokenizer_path, tmp / tok)
-            store.write_json(tmp / "meta.json", {"vocab_size": corpus.vocab_size, "eos_id": corpus.eos_id,
-                                                 "tokenizer": tok, "info": corpus.info})
-            store.mark_done(tmp)
+    key = corpus_key(corpus_cls, params, code)
+
+    def build(tmp: Path) -> None:
+        with ui.stage("corpus", None, "docs") as progress:
+            corpus = corpus_cls(params).load(tmp, progress)
+        _check_corpus(corpus, corpus_cls.name)
+        freq = torch.bincount(corpus.train.long(), minlength=corpus.vocab_size).to(torch.float64)
+        save_file({"tokens": corpus.train.to(torch.int64).contiguous(), "frequencies": freq}, tmp / "train.safetensors")
+        save_file({"tokens": corpus.val.to(torch.int64).contiguous()}, tmp / "val.safetensors")
+        tok = None
+        if corpus.tokenizer_path is not None:
+            tok = "tokenizer.json"
+            if Path(corpus.tokenizer_path).resolve() != (tmp / tok).resolve():
+                shutil.copyfile(corpus.tokenizer_path, tmp / tok)
+        store.write_json(tmp / "meta.json", {"vocab_size": corpus.vocab_size, "eos_id": corpus.eos_id,
+                                             "tokenizer": tok, "info": corpus.info})
+
+    path, cached = build_or_reuse(cache, "corpus", key, {}, ui, fresh, build)
     corpus = load_corpus(path)
     info = {"vocab_size": corpus.vocab_size, "train_tokens": int(corpus.train.numel()),
             "val_tokens": int(corpus.val.numel()), **corpus.info}
-    return _timed("corpus", key, path, cached, t0, info), corpus
+    return _timed("corpus", key, path, cached, t0, info, store.content_digest(path)), corpus
 
 
 def _check_corpus(corpus: TokenCorpus, name: str) -> None:
@@ -102,10 +131,19 @@ def _check_corpus(corpus: TokenCorpus, name: str) -> None:
 
 
 def load_corpus(path: Path) -> TokenCorpus:
+    """Read a corpus artifact, checking every tensor's shape and dtype."""
     meta = store.read_json(path / "meta.json")
     train = load_file(path / "train.safetensors")
     val = load_file(path / "val.safetensors")
-    corpus = TokenCorpus(train=train["tokens"], val=val["tokens"], vocab_size=meta["vocab_size"],
+    vocab = meta["vocab_size"]
+    for tensors, name, file in ((train, "tokens", "train.safetensors"), (train, "frequencies", "train.safetensors"),
+                                (val, "tokens", "val.safetensors")):
+        if name not in tensors:
+            raise InputError(f"{path / file} has no tensor {name!r}; delete {path} and run again to recompute it.")
+    store.check_tensor(train["tokens"], "tokens", (None,), torch.int64, path / "train.safetensors")
+    store.check_tensor(train["frequencies"], "frequencies", (vocab,), torch.float64, path / "train.safetensors")
+    store.check_tensor(val["tokens"], "tokens", (None,), torch.int64, path / "val.safetensors")
+    corpus = TokenCorpus(train=train["tokens"], val=val["tokens"], vocab_size=vocab,
                          eos_id=meta["eos_id"], tokenizer_path=path / meta["tokenizer"] if meta["tokenizer"] else None,
                          info=meta["info"])
     corpus.info = {**meta["info"]}
@@ -113,11 +151,25 @@ def load_corpus(path: Path) -> TokenCorpus:
     return corpus
 
 
-def require_tokens(corpus: TokenCorpus, seq_len: int, what: str) -> None:
-    for split, stream in (("train", corpus.train), ("validation", corpus.val)):
-        if stream.numel() < seq_len + 1:
+def require_tokens(corpus: TokenCorpus, seq_len: int, what: str, splits: tuple[str, ...] = ("train", "validation")
+                   ) -> None:
+    streams = {"train": corpus.train, "validation": corpus.val}
+    for split in splits:
+        if streams[split].numel() < seq_len + 1:
             raise InputError(f"{what} seq_len {seq_len} is longer than the corpus's {split} split "
-                             f"({stream.numel()} tokens). Lower {what}.seq_len or use a larger corpus.")
+                             f"({streams[split].numel()} tokens). Lower {what}.seq_len or use a larger corpus.")
+
+
+def check_lengths(spec, teacher, corpus: TokenCorpus) -> None:
+    """Every window length the run will draw fits the corpus (checked before any training)."""
+    require_tokens(corpus, spec.train.seq_len, "train")
+    require_tokens(corpus, spec.probes.seq_len or spec.train.seq_len, "probes")
+    require_tokens(corpus, spec.oracle.seq_len, "oracle", ("train",))
+    if spec.backbone.source == "pretrain":
+        require_tokens(corpus, spec.backbone.pretrain.seq_len, "backbone.pretrain", ("train",))
+    teacher_seq = getattr(teacher.params, "seq_len", None)
+    if isinstance(teacher_seq, int):
+        require_tokens(corpus, teacher_seq, "teacher", ("train",))
 
 
 # ---------------------------------------------------------------------------------- backbone
@@ -138,7 +190,15 @@ def backbone_key(spec, corpus_key_: str) -> str:
     return stage_key("backbone", {"arch": bb.architecture(), "pretrain": bb.pretrain.model_dump()}, {"corpus": corpus_key_})
 
 
-def backbone_stage(cache: Path, spec, corpus_stage_: StageResult, corpus: TokenCorpus, device, ui) -> StageResult:
+def check_backbone_checkpoint(spec) -> None:
+    if spec.backbone.source == "checkpoint" and not Path(spec.backbone.checkpoint).is_file():
+        raise InputError(f"Backbone checkpoint {spec.backbone.checkpoint} does not exist. Set [backbone] checkpoint to "
+                         f"a safetensors file written by ablate (or any file with the backbone's tensor names), "
+                         f'or use source = "pretrain" to train one on the corpus.')
+
+
+def backbone_stage(cache: Path, spec, corpus_stage_: StageResult, corpus: TokenCorpus, device, ui,
+                   fresh: bool = False) -> StageResult:
     from ablate.lm_pretrain import pretrain_lm
     from ablate.model.backbone import Backbone
     from ablate.model.checkpoint import load_backbone, save_backbone
@@ -146,57 +206,52 @@ def backbone_stage(cache: Path, spec, corpus_stage_: StageResult, corpus: TokenC
     t0 = time.perf_counter()
     config = backbone_config(spec, corpus.vocab_size)
     bb = spec.backbone
-    if bb.source == "checkpoint":
-        src = Path(bb.checkpoint)
-        if not src.is_file():
-            raise InputError(f"Backbone checkpoint {src} does not exist. Set [backbone] checkpoint to a "
-                             f"safetensors file written by ablate (or any file with the backbone's tensor names), "
-                             f'or use source = "pretrain" to train one on the corpus.')
-        key = backbone_key(spec, corpus_stage_.key)
-        load_backbone(src, expected=config)  # strict accounting and architecture check, fails early
-        return _timed("backbone", key, src, True, t0, {"source": str(src)})
-
     key = backbone_key(spec, corpus_stage_.key)
-    path, cached = cached_dir(cache, "backbone", key, ui)
-    if not cached:
-        require_tokens(corpus, bb.pretrain.seq_len, "backbone.pretrain")
-        with store.staging(path) as tmp:
-            torch.manual_seed(bb.pretrain.seed)
-            model = Backbone(config).to(device)
-            total = bb.pretrain.steps * bb.pretrain.batch * bb.pretrain.seq_len
-            with ui.stage("backbone pretrain", total) as progress:
-                stats = pretrain_lm(lambda x: model.logits(model(x)), model.parameters(), corpus.train, corpus.val,
-                                    steps=bb.pretrain.steps, batch=bb.pretrain.batch, seq_len=bb.pretrain.seq_len,
-                                    lr=bb.pretrain.lr, warmup=bb.pretrain.warmup, seed=bb.pretrain.seed,
-                                    device=device, progress=progress)
-            save_backbone(model.cpu(), tmp / "backbone.safetensors")
-            store.write_json(tmp / "info.json", {**stats, "ln_vocab": math.log(corpus.vocab_size)})
-            store.mark_done(tmp)
+    if bb.source == "checkpoint":
+        check_backbone_checkpoint(spec)
+        src = Path(bb.checkpoint)
+        load_backbone(src, expected=config)  # strict accounting and architecture check, fails early
+        return _timed("backbone", key, src, True, t0, {"source": str(src)}, key)
+
+    def build(tmp: Path) -> None:
+        torch.manual_seed(bb.pretrain.seed)
+        model = Backbone(config).to(device)
+        total = bb.pretrain.steps * bb.pretrain.batch * bb.pretrain.seq_len
+        with ui.stage("backbone pretrain", total) as progress:
+            stats = pretrain_lm(lambda x: model.logits(model(x)), model.parameters(), corpus.train, corpus.val,
+                                steps=bb.pretrain.steps, batch=bb.pretrain.batch, seq_len=bb.pretrain.seq_len,
+                                lr=bb.pretrain.lr, warmup=bb.pretrain.warmup, seed=bb.pretrain.seed,
+                                device=device, progress=progress)
+        save_backbone(model.cpu(), tmp / "backbone.safetensors")
+        store.write_json(tmp / "info.json", {**stats, "ln_vocab": math.log(corpus.vocab_size)})
+
+    path, cached = build_or_reuse(cache, "backbone", key, {"corpus": corpus_stage_.digest}, ui, fresh, build)
     info = store.read_json(path / "info.json")
-    return _timed("backbone", key, path / "backbone.safetensors", cached, t0, info)
+    return _timed("backbone", key, path / "backbone.safetensors", cached, t0, info, store.content_digest(path))
 
 
 # ----------------------------------------------------------------------------------- teacher
 
 
-def teacher_key(teacher, corpus_key_: str, seed: int) -> str:
+def teacher_key(teacher, corpus_key_: str, seed: int, code: str = "") -> str:
     config = {"plugin": teacher.name, "params": teacher.params.model_dump(mode="json"), "seed": seed}
-    return stage_key("teacher", config, {"corpus": corpus_key_})
+    return stage_key("teacher", config, {"corpus": corpus_key_}, code)
 
 
-def teacher_stage(cache: Path, teacher, corpus_stage_: StageResult, corpus: TokenCorpus, device, seed, ui):
+def teacher_stage(cache: Path, teacher, corpus_stage_: StageResult, corpus: TokenCorpus, device, seed, ui,
+                  code: str = "", fresh: bool = False):
     """Prepare (e.g. train and save) the teacher; returns the stage result and a context for load()."""
     t0 = time.perf_counter()
-    key = teacher_key(teacher, corpus_stage_.key, seed)
-    path, cached = cached_dir(cache, "teacher", key, ui)
-    if not cached:
-        with store.staging(path) as tmp:
-            with ui.stage(f"teacher ({teacher.name})", None) as progress:
-                info = teacher.prepare(TeacherContext(corpus, tmp, device, seed, progress))
-            store.write_json(tmp / "info.json", info or {})
-            store.mark_done(tmp)
+    key = teacher_key(teacher, corpus_stage_.key, seed, code)
+
+    def build(tmp: Path) -> None:
+        with ui.stage(f"teacher ({teacher.name})", None) as progress:
+            info = teacher.prepare(TeacherContext(corpus, tmp, device, seed, progress))
+        store.write_json(tmp / "info.json", info or {})
+
+    path, cached = build_or_reuse(cache, "teacher", key, {"corpus": corpus_stage_.digest}, ui, fresh, build)
     ctx = TeacherContext(corpus, path, device, seed)
-    return _timed("teacher", key, path, cached, t0, store.read_json(path / "info.json")), ctx
+    return _timed("teacher", key, path, cached, t0, store.read_json(path / "info.json"), store.content_digest(path)), ctx
 
 
 # ------------------------------------------------------------------------------------ oracle
@@ -217,15 +272,15 @@ def oracle_key(spec, teacher_key_: str, corpus_key_: str) -> str:
 
 
 def oracle_stage(cache: Path, spec, teacher, teacher_stage_: StageResult, teacher_ctx, corpus_stage_: StageResult,
-                 corpus: TokenCorpus, device, ui):
-    from ablate.oracle import build_oracle, load_oracle, save_oracle
+                 corpus: TokenCorpus, device, ui, fresh: bool = False):
+    from ablate.oracle import SIDECAR_FILE, TABLE_FILE, build_oracle, load_oracle, save_oracle
 
     t0 = time.perf_counter()
     cfg = oracle_config(spec)
     key = oracle_key(spec, teacher_stage_.key, corpus_stage_.key)
-    path, cached = cached_dir(cache, "oracle", key, ui)
-    if not cached:
-        require_tokens(corpus, cfg.seq_len, "oracle")
+
+    def build(tmp: Path) -> None:
+        require_tokens(corpus, cfg.seq_len, "oracle", ("train",))
         loaded = teacher.load(teacher_ctx)
         if loaded.vocab_size != corpus.vocab_size:
             raise InputError(f"Teacher {teacher.name!r} has a vocabulary of {loaded.vocab_size} tokens but the corpus and "
@@ -233,18 +288,21 @@ def oracle_stage(cache: Path, spec, teacher, teacher_stage_: StageResult, teache
         n_tokens = (corpus.train.numel() // cfg.seq_len) * cfg.seq_len
         if cfg.max_tokens:
             n_tokens = min(n_tokens, cfg.max_tokens)
-        with store.staging(path) as tmp:
-            with ui.stage("oracle pass", n_tokens) as progress:
-                oracle = build_oracle(loaded, corpus.train, cfg, device, progress)
-            save_oracle(oracle, tmp)
-            store.mark_done(tmp)
-        del loaded
+        with ui.stage("oracle pass", n_tokens) as progress:
+            oracle = build_oracle(loaded, corpus.train, cfg, device, progress)
+        save_oracle(oracle, tmp)
+
+    inputs = {"teacher": teacher_stage_.digest, "corpus": corpus_stage_.digest}
+    path, cached = build_or_reuse(cache, "oracle", key, inputs, ui, fresh, build)
     try:
         oracle = load_oracle(path)
     except (InputError, SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"Oracle artifact {path} could not be read ({exc}). Delete that directory; "
-                         f"the next run recomputes it.") from exc
-    return _timed("oracle", key, path, cached, t0, oracle.stats), oracle
+        raise InputError(f"Oracle artifact {path} passes its checksums but cannot be used: {exc} "
+                         f"Delete {path}; the next run recomputes it.") from exc
+    rows = spec.oracle.rows
+    store.check_tensor(oracle.table, "the table", (rows, spec.oracle.engram_dim), torch.float32, path / TABLE_FILE)
+    store.check_tensor(oracle.sidecar, "the sidecar", (rows, corpus.vocab_size), torch.float32, path / SIDECAR_FILE)
+    return _timed("oracle", key, path, cached, t0, oracle.stats, store.content_digest(path)), oracle
 
 
 def json_safe(obj):

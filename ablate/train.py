@@ -37,6 +37,7 @@ from typing import Any, Callable, Literal
 import torch
 import torch.nn.functional as F
 
+from ablate import fastpath
 from ablate.components import Objective, ObjectiveBatch
 from ablate.errors import InputError, NumericalFault
 from ablate.hashing import canonical_rows
@@ -238,8 +239,22 @@ def _scalars_to_floats(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(tensors, values))
 
 
-class _CellRun:
-    """State and steps of one train_cell call (see train_cell)."""
+@dataclass
+class StepLosses:
+    """What one training forward produced (0-d device tensors unless noted)."""
+
+    loss: torch.Tensor  # total objective incl. the aux terms, with its graph
+    terms: dict[str, torch.Tensor]  # the objective's logged terms
+    vc: dict[int, torch.Tensor]
+    qd: dict[int, torch.Tensor]
+    gates: dict[int, torch.Tensor]
+    stats: dict[str, torch.Tensor]  # router diagnostics (log steps with the router on)
+
+
+class CellRun:
+    """State and steps of one train_cell call: `advance(s)` is exactly one step of the loop
+    `ablate run` drives (and `ablate bench` times). On CUDA the student's hot paths are
+    compiled first (ablate.fastpath; ABLATE_COMPILE=0 keeps them eager)."""
 
     def __init__(self, student, objective: Objective, train_stream, val_stream, sidecar,
                  cfg: TrainConfig, device: torch.device):
@@ -247,6 +262,8 @@ class _CellRun:
         self.device = torch.device(device)
         self.router = getattr(student, "engram_skip_router", None)
         self._check_inputs()
+        if fastpath.enabled_for(self.device) and hasattr(student, "compile_hot_paths"):
+            student.compile_hot_paths()
         self.autocast, self.precision = autocast_for(self.device, cfg.precision)
         self.notes = ([f"bf16 was requested but the device is {self.device.type}: trained in fp32"]
                       if cfg.precision == "bf16" and self.precision == "fp32" else [])
@@ -265,6 +282,7 @@ class _CellRun:
         self.excluded_s = 0.0  # evaluation/checkpoint time inside the current interval
         self.train_s = 0.0  # training time of this call, evaluation excluded
         self.steps_run = 0
+        self.last_logged = -1  # step of the last logged row
 
     # ---------------------------------------------------------------------------- set-up
     def _check_inputs(self) -> None:
@@ -346,19 +364,14 @@ class _CellRun:
         self.mark, self.excluded_s = now, 0.0
         return seconds
 
-    def train_step(self, s: int) -> dict[str, torch.Tensor]:
-        """One optimiser update. Returns the log tensors (0-d, on the device; in column
-        order) on log steps, {} otherwise."""
-        cfg, log_step = self.cfg, self.is_log_step(s)
-        lr = cfg.lr * wsd_multiplier(s, cfg.steps, cfg.warmup, cfg.decay_frac)
-        lam_vc = aux_lambda(s, cfg.vcontrast_weight, cfg.aux_warmup)
-        lam_qd = aux_lambda(s, cfg.qdiv_weight, cfg.aux_warmup)
-        self.optimizer.set_lr(lr)
-        inputs, targets = self.train_sampler()
+    def losses(self, s: int, inputs: torch.Tensor, targets: torch.Tensor,
+               log_step: bool) -> StepLosses:
+        """The objective plus the aux terms of step s on one batch (inputs, targets [B, T]).
+        With log_step (and the router on) the router diagnostics are computed too."""
+        cfg = self.cfg
         want_rows = self.objective.needs_sidecar or (
             log_step and self.sidecar is not None and self.router is not None)
         rows = canonical_rows(inputs, cfg.n_rows, cfg.kl_seed) if want_rows else None
-
         with self.autocast():
             out = self.student(inputs, aux=True)
             result = self.objective(ObjectiveBatch(
@@ -368,16 +381,28 @@ class _CellRun:
                  if log_step and out.router_logits is not None else {})
         vc, qd, gates = out.vc, out.qd, out.gates
         del out  # §9 item 9: no [B, T, V] logits outlive the loss graph
+        lam_vc = aux_lambda(s, cfg.vcontrast_weight, cfg.aux_warmup)
+        lam_qd = aux_lambda(s, cfg.qdiv_weight, cfg.aux_warmup)
         loss = result.loss + lam_vc * sum(vc.values()) + lam_qd * sum(qd.values())
-        loss.backward()
+        return StepLosses(loss, result.terms, vc, qd, gates, stats)
+
+    def train_step(self, s: int) -> dict[str, torch.Tensor]:
+        """One optimiser update. Returns the log tensors (0-d, on the device; in column
+        order) on log steps, {} otherwise. Never waits for the device."""
+        cfg, log_step = self.cfg, self.is_log_step(s)
+        self.optimizer.set_lr(cfg.lr * wsd_multiplier(s, cfg.steps, cfg.warmup, cfg.decay_frac))
+        inputs, targets = self.train_sampler()
+        step = self.losses(s, inputs, targets, log_step)
+        step.loss.backward()
 
         with_grad = [p for p in self.params.values() if p.grad is not None]
         log: dict[str, torch.Tensor] = {}
         if log_step:  # before clipping (raw gradient) and before the update (values used)
-            log = self._log_tensors(loss, result.terms, vc, qd, gates, stats)
+            log = self._log_tensors(step.loss, step.terms, step.vc, step.qd, step.gates,
+                                    step.stats)
         grad_norm = (torch.nn.utils.clip_grad_norm_(with_grad, cfg.grad_clip) if with_grad
                      else torch.zeros((), device=self.device))
-        loss = loss.detach()
+        loss = step.loss.detach()
         bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm)])
         self.first_bad = torch.where(bad & (self.first_bad == _NEVER), s, self.first_bad)
         self.optimizer.step()
@@ -385,6 +410,19 @@ class _CellRun:
         if log_step:
             log["grad_norm"] = grad_norm
         return log
+
+    def advance(self, s: int) -> dict[str, float] | None:
+        """Step s as the loop runs it: the update, then on log steps the fault check and the
+        logged row (the only host syncs). Returns the row, or None on other steps."""
+        log_tensors = self.train_step(s)
+        self.step, self.steps_run = s + 1, self.steps_run + 1
+        if not log_tensors:
+            return None
+        self.raise_if_fault()  # host sync: every queued kernel of this step has run
+        row = self.log_row(s, log_tensors, s - self.last_logged, self.close_interval())
+        self.history.append(row)
+        self.last_logged = s
+        return row
 
     def _log_tensors(self, loss, terms, vc, qd, gates, stats) -> dict[str, torch.Tensor]:
         reserved = {"step", "loss", "lr", "grad_norm", "dt_ms", "tokens_per_s"}
@@ -442,7 +480,7 @@ def train_cell(student: torch.nn.Module, objective: Objective, train_stream: tor
     resume_state (such a state) continues exactly where it was written.
     """
     t0 = time.perf_counter()
-    run = _CellRun(student, objective, train_stream, val_stream, sidecar, cfg, device)
+    run = CellRun(student, objective, train_stream, val_stream, sidecar, cfg, device)
     if resume_state is not None:
         run.restore(resume_state)
 
@@ -487,21 +525,16 @@ def train_cell(student: torch.nn.Module, objective: Objective, train_stream: tor
     if run.complete:
         return outcome(stopped=False)
     student.train()
-    run.mark, last_logged = time.perf_counter(), run.step - 1
+    run.mark, run.last_logged = time.perf_counter(), run.step - 1
     for s in range(run.step, cfg.steps):
         if should_stop():
             return stop()
         if s > 0 and s % cfg.eval_every == 0 and not run_eval(s):
             return stop()
-        log_tensors = run.train_step(s)
-        run.step, run.steps_run = s + 1, run.steps_run + 1
+        row = run.advance(s)
         progress(cfg.batch * cfg.seq_len)
-        if log_tensors:
-            run.raise_if_fault()  # host sync: every queued kernel of this step has run
-            row = run.log_row(s, log_tensors, s - last_logged, run.close_interval())
-            run.history.append(row)
+        if row is not None:
             log(row)
-            last_logged = s
         if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps:
             run.raise_if_fault()
             save()

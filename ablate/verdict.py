@@ -29,10 +29,6 @@ HOLD, BREAK, MISSING = "HOLD", "BREAK", "MISSING"
 # ------------------------------------------------------------------------------- formatting
 
 
-def _finite(x: float) -> bool:
-    return math.isfinite(x)
-
-
 def fmt(x: float | int, decimals: int | None = None, sign: bool = False) -> str:
     """The one number format of ablate's reports: fixed point, never scientific notation.
 
@@ -44,7 +40,7 @@ def fmt(x: float | int, decimals: int | None = None, sign: bool = False) -> str:
     if isinstance(x, int):
         return f"{x:+d}" if sign else str(x)
     x = float(x)
-    if not _finite(x):
+    if not math.isfinite(x):
         return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
     if decimals is None:
         decimals = default_decimals(x)
@@ -53,7 +49,7 @@ def fmt(x: float | int, decimals: int | None = None, sign: bool = False) -> str:
 
 def default_decimals(x: float) -> int:
     """MIN_DECIMALS, or more for |x| < 0.001 so that three significant digits show."""
-    if x == 0 or not _finite(x):
+    if x == 0 or not math.isfinite(x):
         return MIN_DECIMALS
     return min(_MAX_DECIMALS, max(MIN_DECIMALS, 2 - math.floor(math.log10(abs(x)))))
 
@@ -61,7 +57,7 @@ def default_decimals(x: float) -> int:
 def distinguishing_digits(a: float, b: float, min_decimals: int = MIN_DECIMALS) -> int:
     """Fewest decimals (≥ min_decimals) at which two different floats print differently."""
     d = min_decimals
-    if a == b or not (_finite(a) and _finite(b)):
+    if a == b or not (math.isfinite(a) and math.isfinite(b)):
         return d
     while d < _MAX_DECIMALS and f"{a:.{d}f}" == f"{b:.{d}f}":
         d += 1
@@ -70,7 +66,7 @@ def distinguishing_digits(a: float, b: float, min_decimals: int = MIN_DECIMALS) 
 
 def common_decimals(values: Iterable[float], min_decimals: int = MIN_DECIMALS) -> int:
     """Decimals at which every pair of different values in `values` prints differently."""
-    vals = sorted({float(v) for v in values if v is not None and _finite(float(v))})
+    vals = sorted({float(v) for v in values if v is not None and math.isfinite(float(v))})
     d = min_decimals
     # Neighbours in sorted order are the closest pairs, so checking them suffices.
     for lo, hi in zip(vals, vals[1:]):
@@ -81,20 +77,14 @@ def common_decimals(values: Iterable[float], min_decimals: int = MIN_DECIMALS) -
 def row_decimals(values: Iterable[float | None]) -> int:
     """Decimals for numbers printed side by side: no two different values print the same, and
     each shows at least its default significant digits (so 9.5e-7 never prints as 0.0000)."""
-    vals = [float(v) for v in values if v is not None and _finite(float(v))]
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return max([common_decimals(vals)] + [default_decimals(v) for v in vals])
-
-
-def fmt_pair(a: float, b: float) -> tuple[str, str]:
-    """a and b printed at their distinguishing precision."""
-    d = distinguishing_digits(a, b)
-    return fmt(a, d), fmt(b, d)
 
 
 def fmt_gap(a: float, b: float, min_decimals: int = MIN_DECIMALS) -> str:
     """|a − b| computed exactly (Decimal) and rounded half-even, with at least min_decimals
     decimals and at least one significant digit, so a nonzero gap never prints as zero."""
-    if not (_finite(a) and _finite(b)):
+    if not (math.isfinite(a) and math.isfinite(b)):
         return "inf"
     gap = exact_gap(a, b)
     d = min_decimals
@@ -154,12 +144,12 @@ def parse_rule(rule: dict[str, Any], bound_exprs: Sequence[str] | None = None) -
                          f"Write {kind} = [lo, hi] for a range and {kind} = b otherwise.")
     exprs = list(bound_exprs) if bound_exprs else [None] * want
     bounds = []
-    for item, expr in zip(raws, exprs):
+    for item, text in zip(raws, exprs):
         if isinstance(item, Bound):
             bounds.append(item)
         else:
             value = float(item)
-            bounds.append(Bound(value, expr if expr is not None else repr(value)))
+            bounds.append(Bound(value, text if text is not None else repr(value)))
     if kind in RANGE_BOUND and not bounds[0].value <= bounds[1].value:
         raise InputError(f"Threshold rule {kind} = [{bounds[0].expr}, {bounds[1].expr}] has its lower "
                          f"bound above its upper bound; swap them.")
@@ -191,7 +181,7 @@ def _bound_text(b: Bound, text: str) -> str:
 
 def _gap_decimals(value: float, bound: float) -> int:
     """Decimals that show at least one significant digit of |value − bound|."""
-    if value == bound or not (_finite(value) and _finite(bound)):
+    if value == bound or not (math.isfinite(value) and math.isfinite(bound)):
         return MIN_DECIMALS
     return max(MIN_DECIMALS, -exact_gap(value, bound).adjusted())
 
@@ -325,7 +315,7 @@ def agreement(name_a: str, a: float, name_b: str, b: float, unit: str = "") -> s
     if a == b:
         return f"{name_a} and {name_b} agree exactly (both {fmt(a)}{unit})"
     d = distinguishing_digits(a, b)
-    if not (_finite(a) and _finite(b)):
+    if not (math.isfinite(a) and math.isfinite(b)):
         return f"{name_a} ({fmt(a, d)}) and {name_b} ({fmt(b, d)}) do not agree"
     tol = ceil_at(exact_gap(a, b), d)
     return f"{name_a} ({fmt(a, d)}) and {name_b} ({fmt(b, d)}) agree within {tol}{unit}"

@@ -3,7 +3,6 @@
 import math
 import re
 
-import pytest
 import torch
 
 from ablate.components import CellView

@@ -38,7 +38,8 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
 
 
-def save_tiny_llama(directory: Path, vocab: int = 50, tokenizer_vocab: int | None = 50, layers: int = 3) -> LlamaForCausalLM:
+def save_tiny_llama(directory: Path, vocab: int = 50, tokenizer_vocab: int | None = 50,
+                    layers: int = 3) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

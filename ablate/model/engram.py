@@ -10,6 +10,12 @@ The top-k choice is not differentiable; β·s is the only path by which W_r gets
 similarity search runs in float32 even under autocast, so bf16 rounding cannot reorder the
 top-k; the full [B, T, N] similarity lives only inside a no-grad region and the k winning
 similarities are recomputed with gradient.
+
+LayerNorm, W_k, W_v and the key RMSNorm act on each table row on its own, so they are applied
+once to all N rows (`project_rows`) and the per-position keys and values are gathered from
+the result: K = K_all[I], V = V_all[I]. This is the same function as projecting the gathered
+rows, with N·E·d instead of B·T·k·E·d multiply-adds, and the value-swapped branch of
+V-contrast reuses K_all, V_all with the permuted indices π[I].
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ def q_diversity(indices: torch.Tensor, attn: torch.Tensor, num_rows: int) -> tor
     on row i summed over heads, divided by B·T·H. 1 for uniform usage, N for one-row collapse.
     """
     flat = indices.reshape(-1)
-    f = torch.bincount(flat, minlength=num_rows).float() / flat.numel()
+    # index_add of ones, not bincount: bincount reads the largest index back to the host.
+    counts = torch.zeros(num_rows, dtype=torch.int64, device=flat.device)
+    f = counts.index_add_(0, flat, torch.ones_like(flat)).float() / flat.numel()
     mass = attn.float().sum(dim=2).reshape(-1)  # [B·T·k], summed over heads
     positions, num_heads = indices[..., 0].numel(), attn.shape[2]
     P = torch.zeros(num_rows, device=mass.device).index_add(0, flat, mass)
@@ -81,19 +89,21 @@ class EngramCrossAttention(nn.Module):
             sims = (r.unsqueeze(-2) * rows[indices]).sum(dim=-1)
         return indices, sims
 
-    def attend(self, h: torch.Tensor, rows: torch.Tensor,
-               sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [B, T, d], raw rows [B, T, k, E], sims [B, T, k]
-        → (out [B, T, d], attn [B, T, H, k]).
+    def project_rows(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """table [N, E] → (keys [N, H, D] = RMSNorm(W_k LN(row)), values [N, H, D] = W_v LN(row))."""
+        rows = self.row_norm(table)
+        shape = (table.shape[0], self.num_heads, self.head_dim)
+        return self.k_norm(self.W_k(rows).view(shape)), self.W_v(rows).view(shape)
 
-        Rows are LayerNorm-ed here; sims is the additive retrieval bias (scaled by β).
-        """
+    def attend(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               indices: torch.Tensor, sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, T, d], keys / values [N, H, D] from `project_rows`, indices [B, T, k],
+        sims [B, T, k] (the additive retrieval bias, scaled by β)
+        → (out [B, T, d], attn [B, T, H, k])."""
         B, T, _ = h.shape
-        H, D, k = self.num_heads, self.head_dim, rows.shape[2]
-        rows = self.row_norm(rows)
+        H, D = self.num_heads, self.head_dim
         q = self.q_norm(self.W_q(h).view(B, T, H, D))
-        key = self.k_norm(self.W_k(rows).view(B, T, k, H, D))
-        value = self.W_v(rows).view(B, T, k, H, D)
+        key, value = keys[indices], values[indices]  # [B, T, k, H, D]
         scores = torch.einsum("bthd,btjhd->bthj", q, key) / math.sqrt(D)
         attn = (scores + self.retrieval_bias * sims.unsqueeze(2)).softmax(dim=-1)
         mixed = torch.einsum("bthj,btjhd->bthd", attn.to(value.dtype), value)
@@ -108,12 +118,13 @@ class EngramCrossAttention(nn.Module):
         same indices and the same similarity bias; vc = mean cos(out, out')².
         """
         indices, sims = self.retrieve(h, table)
-        out, attn = self.attend(h, table[indices], sims)
+        keys, values = self.project_rows(table)
+        out, attn = self.attend(h, keys, values, indices, sims)
         vc = None
         if vcontrast:
             perm_device = generator.device if generator is not None else table.device
             perm = torch.randperm(table.shape[0], generator=generator, device=perm_device)
-            swapped, _ = self.attend(h, table[perm.to(table.device)[indices]], sims)
+            swapped, _ = self.attend(h, keys, values, perm.to(table.device)[indices], sims)
             vc = v_contrast(out, swapped)
         return XAttnOut(out=out, indices=indices, sims=sims, attn=attn, vc=vc,
                         qd=q_diversity(indices, attn, table.shape[0]))

@@ -7,7 +7,7 @@ Reference: zeb139-experiment.md §1.1, §2.4, §3. After backbone layer i ∈ in
 The router reads e = inj_L of the last injection layer L (before the residual add, without
 inject_mult), bypasses the remaining layers and the final norm, and its logits are added:
 
-    logits = final_norm(h) · Eᵀ + z_r,   z_r = α · W_align(e) · Eᵀ
+    logits = final_norm(h) · Eᵀ + z_r,   z_r = α · W_align(e) · Eᵀ = (α · W_align(e)) · Eᵀ
 
 Every per-forward tensor is returned in StudentOutput; the module keeps no reference to any of
 them, so a [B, T, V] router snapshot never outlives the caller's use of it (pitfall §9.9).
@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from ablate import fastpath
 from ablate.errors import InputError
 from ablate.model.backbone import Backbone
 from ablate.model.engram import EngramCrossAttention, GatedEngramInjection, XAttnOut
@@ -97,6 +99,7 @@ class Student(nn.Module):
         self.engram_skip_router = SkipToLogitRouter(d, cfg.alpha_init) if cfg.router else None
         self.router_layer = max(cfg.inject_layers) if cfg.router else None
         self.register_buffer("table", self._checked_table(table), persistent=False)
+        self._hot_paths_compiled = False
 
     def _checked_table(self, table: torch.Tensor) -> torch.Tensor:
         if table.dim() != 2 or table.shape[1] != self.cfg.engram_dim:
@@ -119,6 +122,19 @@ class Student(nn.Module):
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def compile_hot_paths(self) -> None:
+        """Run every backbone layer and each injection's attention through torch.compile
+        (ablate.fastpath.compile_fn), in place: parameters, state_dict and outputs keep their
+        names and meaning. Retrieval (top-k) and the V-contrast permutation stay eager. A second
+        call does nothing."""
+        if self._hot_paths_compiled:
+            return
+        for layer in self.backbone.layers:  # regional compilation: one graph serves every layer
+            layer.compile(dynamic=False, backend=fastpath.BACKEND)
+        for injection in self.engram_injections.values():
+            injection.xattn.attend = fastpath.compile_fn(injection.xattn.attend)
+        self._hot_paths_compiled = True
 
     def forward(self, tokens: torch.Tensor, *, aux: bool = False, inject_mult: float = 1.0,
                 trace: bool = False, generator: torch.Generator | None = None) -> StudentOutput:
@@ -155,8 +171,10 @@ class Student(nn.Module):
         router_logits = aligned = None
         if self.engram_skip_router is not None:
             aligned = self.engram_skip_router.W_align(e)
-            router_logits = self.engram_skip_router.logits_from_aligned(
-                aligned, self.backbone.lm_head_weight)
-            logits = logits + router_logits
+            # α · (aligned · Eᵀ) computed as (α · aligned) · Eᵀ: the scalar meets [B, T, d], not
+            # [B, T, V], so no [B, T, V] product is kept for α's gradient.
+            router_logits = F.linear(self.engram_skip_router.alpha * aligned,
+                                     self.backbone.lm_head_weight)
+            logits = logits.add_(router_logits)  # in place: no second [B, T, V] buffer
         return StudentOutput(logits=logits, router_logits=router_logits, vc=vc, qd=qd,
                              gates=gates, traces=traces, e=e, aligned=aligned)

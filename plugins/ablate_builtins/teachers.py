@@ -437,7 +437,8 @@ class SameArchTeacher(Teacher):
 
         backbone = load_backbone(self._weights(ctx)).to(ctx.device).eval()
         config = backbone.config
-        layer_index = resolve_layer(self.params.layer, config.num_layers, f"the {config.num_layers}-layer same-arch teacher")
+        layer_index = resolve_layer(self.params.layer, config.num_layers,
+                                    f"the {config.num_layers}-layer same-arch teacher")
         dtype = resolve_dtype(self.params.dtype, ctx.device)
         info = {"source": str(self.params.checkpoint or "same-arch (trained)"), "revision": None,
                 "dtype": str(dtype).removeprefix("torch."), "layer": self.params.layer,
