@@ -315,11 +315,15 @@ class Experiment:
                 outcome = train_cell(student, objective, corpus.train, corpus.val, sidecar, cfg, self.device,
                                      progress=progress, should_stop=self.stop, resume_state=resume, save_state=save)
         except NumericalFault as fault:
-            kept = (f"its last good checkpoint (step {saved_step[0]}) is kept in {cell_dir / cellmod.STATE_FILE}"
-                    if saved_step[0] is not None else "it had no checkpoint yet")
-            self.ui.warn(f"cell {cell.name} stopped: {fault}; {kept}. The other cells still run.")
-            return {"status": "failed", "error": f"{fault}; {kept}", "step": fault.step,
-                    "checkpoint_step": saved_step[0]}
+            state_file = cell_dir / cellmod.STATE_FILE
+            kept = (f"last good checkpoint: step {saved_step[0]}" if saved_step[0] is not None
+                    else "no checkpoint yet")
+            self.ui.warn(f"cell {cell.name} stopped: non-finite {fault.what} at step {fault.step}; "
+                         + (f"its last good checkpoint (step {saved_step[0]}) is kept in {state_file}"
+                            if saved_step[0] is not None else "it had no checkpoint yet")
+                         + ". The other cells still run.")
+            return {"status": "failed", "error": f"non-finite {fault.what} at step {fault.step}; {kept}",
+                    "step": fault.step, "checkpoint_step": saved_step[0]}
         if outcome.stopped_early:
             raise Interrupted()
         cellmod.write_outputs(cell_dir, student, outcome,

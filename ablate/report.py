@@ -143,6 +143,10 @@ def _header(r: dict, t: Text) -> str:
     axes = r.get("axes") or {}
     if axes:
         lines += ["", "Axes: " + "; ".join(f"{k}: {t.scrub(str(v))}" for k, v in axes.items())]
+    if (r.get("teacher") or {}).get("random_weights"):
+        lines += ["", "> **WARNING: the teacher has RANDOM weights** (`random_init = true`): the oracle and "
+                      "its sidecar carry no knowledge, so no verdict below says anything about the research "
+                      "question. This run measures speed and plumbing only."]
     failed = [(n, c) for n, c in r["cells"].items() if c.get("status") != "done"]
     for name, cell in failed:
         error = f": {t.scrub(cell['error'])}" if cell.get("error") else ""

@@ -296,9 +296,11 @@ def oracle_stage(cache: Path, spec, teacher, teacher_stage_: StageResult, teache
     path, cached = build_or_reuse(cache, "oracle", key, inputs, ui, fresh, build)
     try:
         oracle = load_oracle(path)
-    except (InputError, SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"Oracle artifact {path} passes its checksums but cannot be used: {exc} "
-                         f"Delete {path}; the next run recomputes it.") from exc
+    except InputError as exc:
+        raise InputError(f"Oracle artifact {path} passes its checksums but cannot be used. {exc}") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"Oracle artifact {path} passes its checksums but cannot be read ({exc}). Delete {path}; "
+                         f"the next run recomputes it.") from exc
     rows = spec.oracle.rows
     store.check_tensor(oracle.table, "the table", (rows, spec.oracle.engram_dim), torch.float32, path / TABLE_FILE)
     store.check_tensor(oracle.sidecar, "the sidecar", (rows, corpus.vocab_size), torch.float32, path / SIDECAR_FILE)

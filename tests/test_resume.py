@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "specs" / "demo.toml"
 ABLATE = shutil.which("ablate") or str(Path(sys.executable).with_name("ablate"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-ARGS = ["demo.toml", "--profile", "tiny", "--device", "cpu", "--set", "train.checkpoint_every=5"]
+SPEC_ARGS = ["demo.toml", "--profile", "tiny", "--set", "train.checkpoint_every=5"]
+ARGS = [*SPEC_ARGS, "--device", "cpu"]
 STAGES = ("corpus", "backbone", "teacher", "oracle")
 CELLS = ("router_off_real", "router_off_shuf", "router_on_real", "router_on_shuf")
 TIMING = {"dt_ms", "tokens_per_s", "seconds"}
@@ -290,8 +291,8 @@ def _truncate(path: Path) -> None:
         f.truncate(max(1, path.stat().st_size // 2))
 
 
-def _entry(cwd: Path, stage: str) -> Path:
-    (entry,) = (cwd / ".ablate-cache").glob(f"{stage}-*")
+def _entry(cwd: Path, stage: str, key: str = "*") -> Path:
+    (entry,) = (cwd / ".ablate-cache").glob(f"{stage}-{key}")
     return entry
 
 
@@ -342,7 +343,7 @@ def test_plan_lists_keys_and_cache_state_and_fresh_recomputes(baseline, tmp_path
     base_dir, base = baseline
     cwd = tmp_path / "run"
     shutil.copytree(base_dir, cwd)
-    assert in_process(cwd, monkeypatch, "plan", *ARGS) == 0
+    assert in_process(cwd, monkeypatch, "plan", *SPEC_ARGS) == 0
     printed = capsys.readouterr().out
     assert all(st["key"] in printed for st in base["stages"].values() if st["key"])
     assert set(plan_of(cwd).values()) == {"cached", "always rewritten (cheap)"}
@@ -365,7 +366,7 @@ def test_plan_lists_keys_and_cache_state_and_fresh_recomputes(baseline, tmp_path
     assert in_process(cwd, monkeypatch, "run", *ARGS, "--quiet", "--fresh", "--set", "train.steps=5") == 0
     assert recomputed(results_of(cwd)) == set(STAGES) | set(CELLS) | {"probes"}
     assert other.is_dir(), "--fresh removed another spec's cache entry"
-    assert {s: store.content_digest(_entry(cwd, s)) for s in STAGES} == digests
+    assert {s: store.content_digest(_entry(cwd, s, base["stages"][s]["key"])) for s in STAGES} == digests
 
     # clean: the unreferenced entry goes, everything this run uses stays
     assert in_process(cwd, monkeypatch, "clean") == 0

@@ -73,7 +73,7 @@ def _has_weights(directory: Path) -> bool:
     return False
 
 
-def locate_hf_model(model: str, revision: str) -> Path:
+def locate_hf_model(model: str, revision: str, need_weights: bool = True) -> Path:
     """A local directory, or the cached snapshot of a hub id; InputError when neither is usable."""
     local = Path(model).expanduser()
     if local.is_dir():
@@ -99,7 +99,7 @@ def locate_hf_model(model: str, revision: str) -> Path:
                 f"with `huggingface-cli download {model} --revision {revision}` (set HF_HOME or "
                 f"HF_HUB_CACHE if the cache lives elsewhere).")
         directory = Path(found).parent
-    if not _has_weights(directory):
+    if need_weights and not _has_weights(directory):
         raise InputError(f"Teacher directory {directory} has a config.json but no complete weights "
                          f"({' / '.join(_WEIGHT_FILES)}). Re-download or re-save the model there.")
     return directory
@@ -151,16 +151,25 @@ class HFTeacherModel(LoadedTeacher):
 
 
 def load_hf_teacher(directory: Path, *, dtype: str, layer: int, device: torch.device,
-                    attn_implementation: str, info: dict[str, Any]) -> HFTeacherModel:
-    """from_pretrained on a local directory (never the network) → HFTeacherModel in eval mode."""
-    from transformers import AutoModelForCausalLM
+                    attn_implementation: str, info: dict[str, Any], random_init: bool = False,
+                    seed: int = 0) -> HFTeacherModel:
+    """from_pretrained on a local directory (never the network) → HFTeacherModel in eval mode.
+    With random_init the architecture comes from config.json and the weights are random (seeded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = read_hf_config(directory)
     layer_index = resolve_layer(layer, config["num_hidden_layers"], str(directory))
     torch_dtype = resolve_dtype(dtype, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_dtype, local_files_only=True,
-                                                     attn_implementation=attn_implementation)
+        if random_init:
+            hf_config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+            with torch.random.fork_rng(devices=[]), torch.device(device):  # initialise on the device
+                torch.manual_seed(seed)
+                model = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype,
+                                                         attn_implementation=attn_implementation)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_dtype, local_files_only=True,
+                                                         attn_implementation=attn_implementation)
     except Exception as exc:
         raise InputError(f"Could not load the teacher from {directory} ({type(exc).__name__}: {exc}). "
                          f"Check that it is a complete causal-LM directory written by save_pretrained.") from exc
@@ -181,6 +190,8 @@ class HFCausalLMParams(Params):
     dtype: DTypeName = "auto"
     layer: int = Field(-2, description="index into hidden_states (0 = embeddings, −2 = second-to-last block)")
     attn_implementation: str = "sdpa"
+    random_init: bool = Field(False, description="random weights of the config.json architecture "
+                                                 "(timing and plumbing only; the report says so)")
 
 
 class HFCausalLMTeacher(Teacher):
@@ -189,20 +200,22 @@ class HFCausalLMTeacher(Teacher):
     description = "Any Hugging Face causal LM, from a local directory or the local HF cache (no downloads)."
 
     def check(self, corpus_vocab_size: int) -> None:
-        directory = locate_hf_model(self.params.model, self.params.revision)
+        directory = locate_hf_model(self.params.model, self.params.revision, not self.params.random_init)
         config = read_hf_config(directory)
         resolve_layer(self.params.layer, config.get("num_hidden_layers", 0), str(directory))
         check_hf_vocab(directory, config, corpus_vocab_size)
 
     def prepare(self, ctx: TeacherContext) -> dict[str, Any]:
-        return {"source": self.params.model, "resolved": str(locate_hf_model(self.params.model, self.params.revision))}
+        resolved = locate_hf_model(self.params.model, self.params.revision, not self.params.random_init)
+        return {"source": self.params.model, "resolved": str(resolved), "random_weights": self.params.random_init}
 
     def load(self, ctx: TeacherContext) -> LoadedTeacher:
         p = self.params
-        directory = locate_hf_model(p.model, p.revision)
-        info = {"source": p.model, "revision": p.revision, "resolved": str(directory), "random_weights": False}
+        directory = locate_hf_model(p.model, p.revision, not p.random_init)
+        info = {"source": p.model, "revision": p.revision, "resolved": str(directory), "random_weights": p.random_init}
         return load_hf_teacher(directory, dtype=p.dtype, layer=p.layer, device=ctx.device,
-                               attn_implementation=p.attn_implementation, info=info)
+                               attn_implementation=p.attn_implementation, info=info, random_init=p.random_init,
+                               seed=ctx.seed)
 
 
 class TinyLlamaParams(HFCausalLMParams):
