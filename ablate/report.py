@@ -466,14 +466,32 @@ def _compare_sanity(runs: list[dict], labels: list[str], t: Text) -> str:
                              agreement(f"{labels[0]}", a, lab, b, "nats") + ".")
     if not baselines:
         lines.append(f"- {labels[0]} has no router-off cell to compare.")
-    oracles = [flatten(r.get("oracle") or {}) for r in runs]
-    differing = spec_differences([r.get("oracle") or {} for r in runs])
+    oracles = [_oracle_content(r) for r in runs]
+    differing = spec_differences(oracles)
     if not differing:
-        lines.append(f"- oracle statistics are identical across runs ({len(oracles[0])} values).")
+        lines.append(f"- oracle statistics are identical across runs ({len(flatten(oracles[0]))} values; "
+                     f"timings and artifact paths are not compared).")
     else:
         lines += ["- oracle statistics differ:", "",
-                  table(["oracle key", *labels], [[k, *(t.cell(v) for v in vs)] for k, vs in differing.items()])]
+                  table(["oracle key", *labels], [[k, *_row_cells(t, vs)] for k, vs in differing.items()])]
     return "\n".join(lines)
+
+
+def _row_cells(t: Text, values: list) -> list[str]:
+    """Cells of one table row; numbers share the precision at which different values differ."""
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    d = row_decimals(nums) if len(nums) == len(values) else None
+    return [t.cell(v, d) for v in values]
+
+
+# Oracle stats that describe how a run went (time, where files were), not what the oracle holds.
+ORACLE_RUN_KEYS = ("seconds", "tokens_per_s", "resolved", "source")
+
+
+def _oracle_content(results: dict) -> dict:
+    def keep(d):
+        return {k: keep(v) if isinstance(v, dict) else v for k, v in d.items() if k not in ORACLE_RUN_KEYS}
+    return keep(results.get("oracle") or {})
 
 
 def render_comparison(runs: list[dict], report_path: Path) -> str:
