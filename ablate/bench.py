@@ -35,7 +35,8 @@ from ablate.hashing import canonical_rows
 from ablate.model.backbone import Backbone, BackboneConfig
 from ablate.model.student import EngramConfig, Student
 from ablate.optim import CellOptimizer, wsd_multiplier
-from ablate.train import CellRun, TrainConfig, WindowSampler, aux_lambda, autocast_for, evaluate
+from ablate.train import (CellRun, TrainConfig, WindowSampler, aux_lambda, autocast_for,
+                          compiled_canonical_rows, evaluate)
 
 # bf16 dense tensor-core peaks (datasheet, SXM parts), for MFU; None elsewhere.
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -280,12 +281,18 @@ def bench_cells(size: BenchSize, device: torch.device, peak: float | None) -> di
                   inputs.train, inputs.val, inputs.sidecar, cfg, device)
     batch = WindowSampler(inputs.train, cfg.batch, cfg.seq_len, 7, device)()
     torch.manual_seed(1)
+    t = time.perf_counter()
     ablate_loss = run.losses(cfg.aux_warmup, *batch, log_step=False).loss.item()
+    first_call_s = time.perf_counter() - t  # includes compilation on CUDA
     torch.manual_seed(1)
     naive_loss = naive.loss(cfg.aux_warmup, *batch).item()
     rel = abs(ablate_loss - naive_loss) / max(abs(naive_loss), 1e-12)
+    rows_equal = torch.equal(compiled_canonical_rows(batch[0], cfg.n_rows, cfg.kl_seed),
+                             canonical_rows(batch[0], cfg.n_rows, cfg.kl_seed))
     check = {"ablate_loss": ablate_loss, "naive_loss": naive_loss, "relative_difference": rel,
-             "tolerance": size.tolerance[precision], "ok": rel <= size.tolerance[precision]}
+             "tolerance": size.tolerance[precision], "kl_rows_equal": rows_equal,
+             "first_call_s": first_call_s,
+             "ok": rel <= size.tolerance[precision] and rows_equal}
     del run, batch
     _release(device)
 

@@ -88,13 +88,13 @@ _KEY_EXEMPT_TRAIN = {"checkpoint_every"}
 STATE_FILE = "state.safetensors"
 
 
-def cell_key(spec, cell, inputs: dict[str, str], code: str = "") -> str:
-    """inputs: the keys of the backbone and oracle stages; code: the objective plugin's version."""
+def cell_key(spec, cell, inputs: dict[str, str], objective_cls) -> str:
+    """inputs: the keys of the backbone and oracle stages; the objective's code is part of the key."""
     from ablate.stages import stage_key
 
     config = {"cell": cell.model_dump(mode="json"), "train": spec.train.model_dump(exclude=_KEY_EXEMPT_TRAIN),
               "model": spec.model.model_dump()}
-    return stage_key("cell", config, inputs, code)
+    return stage_key("cell", config, inputs, (objective_cls.__module__,))
 
 
 def identity(key: str, input_digests: dict[str, str | None]) -> dict:
@@ -104,9 +104,10 @@ def identity(key: str, input_digests: dict[str, str | None]) -> dict:
 
 def recorded_identity(cell_dir: Path) -> dict | None:
     try:
-        return store.read_json(cell_dir / "key.json")
+        recorded = store.read_json(cell_dir / "key.json")
     except (OSError, ValueError):
         return None
+    return recorded if isinstance(recorded, dict) else None
 
 
 def is_complete(cell_dir: Path, ident: dict) -> bool:

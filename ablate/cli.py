@@ -7,7 +7,6 @@ import argparse
 import shlex
 import sys
 import traceback
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -73,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return COMMANDS[args.command](args)
     except AblateError as exc:
@@ -146,7 +147,7 @@ def cmd_run(args) -> int:
     spec = _load(args, registry)
     device = resolve_device(args.device)
     ui = QuietUI() if args.quiet else RichUI(err_console)
-    command = "ablate " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if argv_is_cli() else "ablate run " + args.spec
+    command = "ablate " + " ".join(shlex.quote(a) for a in args.argv)
     exp = Experiment(spec, registry, device, ui, command=command, fresh=args.fresh)
     console.print(f"[bold]ablate run[/] {spec.name} on {device} — {len(spec.cells)} cells")
     try:
@@ -157,10 +158,6 @@ def cmd_run(args) -> int:
         return 130
     print_summary(results, exp)
     return exit_code(results)
-
-
-def argv_is_cli() -> bool:
-    return Path(sys.argv[0]).name in ("ablate", "__main__.py")
 
 
 def print_summary(results: dict, exp) -> None:

@@ -3,11 +3,17 @@ then probes, verdicts, results.json and the report.
 
 Cells are independent units: each is described by its resolved config and the keys of the
 artifacts it reads, and writes only into its own directory.
+
+Nothing is lost: `ablate run` on an existing run reuses every finished stage and cell (checked
+against its checksums and the data it was built from) and continues an interrupted cell from its
+last checkpoint; one process at a time may write a run directory; SIGINT/SIGTERM save at the next
+step boundary and exit 130; a non-finite loss or gradient fails only its cell.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -89,9 +95,6 @@ class RunPaths:
         return cls(root / spec.runs_dir / spec.name, root / spec.reports_dir / f"{spec.name}.md", root / spec.cache_dir)
 
 
-STAGES_FILE = "stages.json"  # the cache keys a run uses, written as each stage is resolved (read by `ablate clean`)
-
-
 @dataclass
 class Experiment:
     spec: Spec
@@ -125,17 +128,9 @@ class Experiment:
             self.teacher.check(vocab)  # else the vocabulary is known only after tokenising: checked then
         return corpus_cls
 
-    def code_version(self, kind: str, name: str) -> str:
-        """The version of the plugin providing a component: its distribution and version, or the
-        content hash of a --plugin file."""
-        source = self.registry.components[kind][name].source
-        path = Path(source)
-        return f"{path.name}@{store.file_digest(path)[:16]}" if path.is_file() else source
-
     def stage_keys(self, corpus_cls) -> dict[str, str]:
-        k_corpus = stages.corpus_key(corpus_cls, self.corpus_params, self.code_version("corpus", corpus_cls.name))
-        k_teacher = stages.teacher_key(self.teacher, k_corpus, self.spec.seed,
-                                       self.code_version("teacher", self.teacher.name))
+        k_corpus = stages.corpus_key(corpus_cls, self.corpus_params)
+        k_teacher = stages.teacher_key(self.teacher, k_corpus, self.spec.seed)
         return {"corpus": k_corpus, "backbone": stages.backbone_key(self.spec, k_corpus), "teacher": k_teacher,
                 "oracle": stages.oracle_key(self.spec, k_teacher, k_corpus)}
 
@@ -173,17 +168,21 @@ class Experiment:
         return rows
 
     def _plan_cells(self, keys, digests, rebuilt) -> tuple[list[dict], dict[str, Path]]:
+        """Cell rows, and the directories of the cells that are complete. An input digest of None
+        (an input to be rebuilt whose old data is unknown) matches whatever the cell recorded."""
         rows, done = [], {}
         for cell in self.spec.cells:
             key = self.cell_key(cell, keys)
-            ident = cellmod.identity(key, {"backbone": digests["backbone"], "oracle": digests["oracle"]})
             cell_dir = self.paths.run_dir / "cells" / cell.name
-            waits_on = [u for u in ("backbone", "oracle") if u in rebuilt]
-            if cellmod.is_complete(cell_dir, ident):
-                status = "cached" + _if_identical(waits_on)
+            recorded = cellmod.recorded_identity(cell_dir) or {}
+            same = recorded.get("key") == key and all(
+                digests[u] is None or recorded.get("inputs", {}).get(u) == digests[u] for u in ("backbone", "oracle"))
+            waits_on = _if_identical([u for u in ("backbone", "oracle") if u in rebuilt])
+            if same and store.is_done(cell_dir):
+                status = "cached" + waits_on
                 done[cell.name] = cell_dir
-            elif cellmod.recorded_identity(cell_dir) == ident and (cell_dir / cellmod.STATE_FILE).is_file():
-                status = f"would resume from its last checkpoint{_if_identical(waits_on)}"
+            elif same and (cell_dir / cellmod.STATE_FILE).is_file():
+                status = "would resume from its last checkpoint" + waits_on
             else:
                 status = "would run"
             rows.append({"name": f"cell {cell.name}", "key": key, "status": status})
@@ -208,15 +207,14 @@ class Experiment:
             self._clear_fresh()
         store.write_json(self.paths.run_dir / "spec.resolved.json", self.spec.model_dump(mode="json", by_alias=True))
         cache, fresh = self.paths.cache, self.fresh
-        r_corpus, corpus = stages.corpus_stage(cache, corpus_cls, self.corpus_params, self.ui,
-                                               self.code_version("corpus", corpus_cls.name), fresh)
+        r_corpus, corpus = stages.corpus_stage(cache, corpus_cls, self.corpus_params, self.ui, fresh)
         self._record(r_corpus)
         self.teacher.check(corpus.vocab_size)
         stages.check_lengths(self.spec, self.teacher, corpus)
         r_bb = stages.backbone_stage(cache, self.spec, r_corpus, corpus, self.device, self.ui, fresh)
         self._record(r_bb)
         r_teacher, teacher_ctx = stages.teacher_stage(cache, self.teacher, r_corpus, corpus, self.device, self.spec.seed,
-                                                      self.ui, self.code_version("teacher", self.teacher.name), fresh)
+                                                      self.ui, fresh)
         self._record(r_teacher)
         r_oracle, oracle = stages.oracle_stage(cache, self.spec, self.teacher, r_teacher, teacher_ctx, r_corpus, corpus,
                                                self.device, self.ui, fresh)
@@ -243,7 +241,7 @@ class Experiment:
 
     def _record(self, r: stages.StageResult):
         self.stage_results[r.name] = r
-        store.write_json(self.paths.run_dir / STAGES_FILE, {n: s.key for n, s in self.stage_results.items() if s.key})
+        store.write_json(self.paths.run_dir / store.STAGES_FILE, {n: s.key for n, s in self.stage_results.items() if s.key})
         self.ui.info(f"[green]✓[/] {r.name:<9} {'cached' if r.cached else 'computed'} in {r.seconds:6.1f}s  key {r.key}")
         self._check_stop()
 
@@ -254,8 +252,6 @@ class Experiment:
     def _clear_fresh(self):
         """--fresh: this run's cells and probes start over; its stages are recomputed (and replace
         their cache entries) as the run reaches them. Other runs' artifacts are untouched."""
-        import shutil
-
         cells_dir = self.paths.run_dir / "cells"
         if cells_dir.exists():
             shutil.rmtree(cells_dir)
@@ -265,7 +261,7 @@ class Experiment:
 
     def cell_key(self, cell, stage_keys: dict[str, str]) -> str:
         inputs = {"backbone": stage_keys["backbone"], "oracle": stage_keys["oracle"]}
-        return cellmod.cell_key(self.spec, cell, inputs, self.code_version("objective", cell.objective.name))
+        return cellmod.cell_key(self.spec, cell, inputs, self.registry.get("objective", cell.objective.name))
 
     def _run_cells(self, corpus, r_bb, r_oracle, variants) -> dict[str, dict]:
         records: dict[str, dict] = {}
@@ -369,9 +365,9 @@ class Experiment:
         """Key of the probe results: the probes' versions and settings and the content digests of
         the finished cells they read."""
         names = sorted(self.registry.names("probe"))
-        code = ",".join(sorted({self.code_version("probe", n) for n in names}))
+        modules = tuple(sorted({self.registry.get("probe", n).__module__ for n in names}))
         return stages.stage_key("probes", {"probes": names, "spec": self.spec.probes.model_dump()},
-                                {name: store.content_digest(d) for name, d in done_dirs.items()}, code)
+                                {name: store.content_digest(d) for name, d in done_dirs.items()}, modules)
 
     def _cached_probes(self, key: str) -> dict | None:
         try:

@@ -111,7 +111,8 @@ class _RowDivergence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_total):
         (grad_z,) = ctx.saved_tensors
-        return grad_z.mul_(grad_total), None, None, None, None, None, None
+        torch._foreach_mul_([grad_z], grad_total)  # in place; the 0-d factor stays on the device
+        return grad_z, None, None, None, None, None, None
 
 
 def _row_divergence(z_r, sidecar, rows, weights, kind: str, temperature: float, chunk: int):
@@ -143,7 +144,7 @@ def _row_divergence(z_r, sidecar, rows, weights, kind: str, temperature: float, 
 
 def kl_rows(z_r: torch.Tensor, sidecar: torch.Tensor, rows: torch.Tensor,
             weights: torch.Tensor | None = None, direction: Direction = "forward",
-            temperature: float = 1.0, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+            temperature: float = 1.0, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """KL between P_r = softmax(z_r/T) [B, T, V] and P_t = softmax(S[rows]/T) per position.
 
     forward: KL(P_r‖P_t) = Σ_v P_r (log P_r − log P_t); reverse: KL(P_t‖P_r).
@@ -157,7 +158,7 @@ def kl_rows(z_r: torch.Tensor, sidecar: torch.Tensor, rows: torch.Tensor,
 
 def jsd_rows(z_r: torch.Tensor, sidecar: torch.Tensor, rows: torch.Tensor,
              weights: torch.Tensor | None = None, temperature: float = 1.0,
-             chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+             chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """Jensen–Shannon ½KL(P_r‖M) + ½KL(P_t‖M), M = ½(P_r + P_t); same contract as kl_rows."""
     return _row_divergence(z_r, sidecar, rows, weights, "jsd", temperature, chunk)
 
@@ -211,10 +212,11 @@ class _CrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_mean):
         (grad_z,) = ctx.saved_tensors
-        return grad_z.mul_(grad_mean / ctx.positions), None, None
+        torch._foreach_mul_([grad_z], grad_mean / ctx.positions)
+        return grad_z, None, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """Mean over all B·T positions of −log softmax(logits)[targets]; logits [B, T, V],
     targets [B, T] int64. float32 scalar, computed chunk by chunk in float32."""
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:

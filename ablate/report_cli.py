@@ -57,11 +57,9 @@ def report_command(args, console) -> int:
 def referenced_keys(runs_dir: Path) -> set[str]:
     """Cache keys some run uses: from its results.json, or (for a run still going or interrupted)
     the stages.json it writes as each stage is resolved."""
-    from ablate.engine import STAGES_FILE
-
     keys = set()
     for run in sorted(p for p in Path(runs_dir).glob("*") if p.is_dir()):
-        for name in ("results.json", STAGES_FILE):
+        for name in ("results.json", store.STAGES_FILE):
             try:
                 data = store.read_json(run / name)
                 found = [st.get("key") for st in data["stages"].values()] if name == "results.json" else list(data.values())

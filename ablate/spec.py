@@ -138,7 +138,7 @@ class TrainSpec(Strict):
     model_seed: int = 42
     data_seed: int = 42
     val_seed: int = 43
-    checkpoint_every: int = Field(0, ge=0)
+    checkpoint_every: int = Field(100, ge=0)  # steps between resumable checkpoints; 0 = only at the end
 
 
 class ProbeSpec(Strict):

@@ -10,6 +10,10 @@ shape and dtype.
 
 from __future__ import annotations
 
+import ast
+import functools
+import hashlib
+import importlib.util
 import json
 import math
 import shutil
@@ -26,8 +30,15 @@ from ablate import store
 from ablate.components import TeacherContext, TokenCorpus
 from ablate.errors import InputError
 
-# Bump a stage's version when its code changes what it writes.
-CODE_VERSIONS = {"corpus": 1, "backbone": 1, "teacher": 1, "oracle": 1, "cell": 2, "probes": 2}
+# The modules whose code computes each of ablate's own stages (plugins add their component's
+# module): a stage's key includes the hash of their source and of every module of the same
+# package they import, so changing that code recomputes the stage and nothing else.
+CODE_ROOTS = {"corpus": (), "backbone": ("ablate.lm_pretrain", "ablate.model.checkpoint"), "teacher": (),
+              "oracle": ("ablate.oracle",), "cell": ("ablate.train", "ablate.model.student"),
+              "probes": ("ablate.model.student",)}
+# Interfaces, errors and orchestration: they decide where results go, not what they are.
+_NOT_COMPUTATION = {"ablate", "ablate.errors", "ablate.components", "ablate.store", "ablate.stages", "ablate.cells",
+                    "ablate.engine", "ablate.ui", "ablate.plugins", "ablate.hookspecs"}
 
 
 @dataclass
@@ -41,11 +52,44 @@ class StageResult:
     digest: str = ""  # content digest of the artifact's data (what dependants were built from)
 
 
-def stage_key(stage: str, config: Any, inputs: dict[str, str], code: str = "") -> str:
-    """Hash of the stage's normalised config, its inputs' keys and the code version that matters
-    (the stage's CODE_VERSIONS entry plus `code`, the version of the plugin that computes it)."""
-    return store.stable_hash({"stage": stage, "version": CODE_VERSIONS[stage], "code": code, "config": config,
-                              "inputs": inputs})
+@functools.lru_cache(maxsize=None)
+def code_version(*modules: str) -> str:
+    """Hash of the source of `modules` and of every module of their packages (or of ablate)
+    they import, followed recursively (function-level and relative imports included)."""
+    sources: dict[str, str] = {}
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in sources or name in _NOT_COMPUTATION:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):  # `from pkg.mod import Class` also proposes pkg.mod.Class
+            spec = None
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        text = Path(spec.origin).read_bytes()
+        sources[name] = hashlib.sha256(text).hexdigest()
+        package = name if spec.submodule_search_locations else name.rpartition(".")[0]
+        roots = {"ablate", name.split(".")[0]}
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = (importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level
+                        else node.module or "")
+                found = [base, *(f"{base}.{a.name}" for a in node.names)]
+            else:
+                continue
+            todo += [m for m in found if m.split(".")[0] in roots]
+    return store.stable_hash(sources)
+
+
+def stage_key(stage: str, config: Any, inputs: dict[str, str], components: tuple[str, ...] = ()) -> str:
+    """Hash of the stage's normalised config, its inputs' keys and the code that computes it (the
+    stage's CODE_ROOTS plus `components`, the modules of the plugin classes it runs)."""
+    return store.stable_hash({"stage": stage, "code": code_version(*CODE_ROOTS[stage], *components),
+                              "config": config, "inputs": inputs})
 
 
 def cache_status(path: Path, inputs: dict[str, str | None]) -> tuple[bool, str]:
@@ -88,14 +132,14 @@ def _timed(name, key, path, cached, t0, info, digest) -> StageResult:
 # ------------------------------------------------------------------------------------ corpus
 
 
-def corpus_key(corpus_cls, params, code: str = "") -> str:
-    return stage_key("corpus", {"plugin": corpus_cls.name, "params": params.model_dump(mode="json")}, {}, code)
+def corpus_key(corpus_cls, params) -> str:
+    return stage_key("corpus", {"plugin": corpus_cls.name, "params": params.model_dump(mode="json")}, {},
+                     (corpus_cls.__module__,))
 
 
-def corpus_stage(cache: Path, corpus_cls, params, ui, code: str = "", fresh: bool = False
-                 ) -> tuple[StageResult, TokenCorpus]:
+def corpus_stage(cache: Path, corpus_cls, params, ui, fresh: bool = False) -> tuple[StageResult, TokenCorpus]:
     t0 = time.perf_counter()
-    key = corpus_key(corpus_cls, params, code)
+    key = corpus_key(corpus_cls, params)
 
     def build(tmp: Path) -> None:
         with ui.stage("corpus", None, "docs") as progress:
@@ -233,16 +277,16 @@ def backbone_stage(cache: Path, spec, corpus_stage_: StageResult, corpus: TokenC
 # ----------------------------------------------------------------------------------- teacher
 
 
-def teacher_key(teacher, corpus_key_: str, seed: int, code: str = "") -> str:
+def teacher_key(teacher, corpus_key_: str, seed: int) -> str:
     config = {"plugin": teacher.name, "params": teacher.params.model_dump(mode="json"), "seed": seed}
-    return stage_key("teacher", config, {"corpus": corpus_key_}, code)
+    return stage_key("teacher", config, {"corpus": corpus_key_}, (type(teacher).__module__,))
 
 
 def teacher_stage(cache: Path, teacher, corpus_stage_: StageResult, corpus: TokenCorpus, device, seed, ui,
-                  code: str = "", fresh: bool = False):
+                  fresh: bool = False):
     """Prepare (e.g. train and save) the teacher; returns the stage result and a context for load()."""
     t0 = time.perf_counter()
-    key = teacher_key(teacher, corpus_stage_.key, seed, code)
+    key = teacher_key(teacher, corpus_stage_.key, seed)
 
     def build(tmp: Path) -> None:
         with ui.stage(f"teacher ({teacher.name})", None) as progress:

@@ -21,12 +21,12 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ablate.errors import AblateError, InputError
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled, so `ablate clean` and `report` start fast
+    import torch
 
 MARKER = "DONE"
 # Files that record how an artifact was made (timings, summaries). Dependants never read them as
@@ -35,6 +35,7 @@ MARKER = "DONE"
 RECORD_FILES = frozenset({"info.json", "stats.json", "outcome.json", "metrics.csv"})
 TEMP_SUFFIX = ".tmp"
 RUN_LOCK = ".lock"  # in a run directory
+STAGES_FILE = "stages.json"  # in a run directory: the cache keys it uses, written as each stage is resolved
 STAGE_LOCKS = ".locks"  # folder of per-entry locks in a cache directory
 
 
@@ -175,6 +176,9 @@ def save_tree(path: Path, tree: Any) -> None:
     """Write nested dicts/lists/tuples of tensors and JSON scalars to one safetensors file,
     atomically. Tensors become entries `t0, t1, …`; the structure is JSON in the metadata
     (dict keys keep their type, so an optimiser's integer state keys survive)."""
+    import torch
+    from safetensors.torch import save_file
+
     tensors: dict[str, torch.Tensor] = {}
 
     def encode(x: Any) -> Any:
@@ -214,6 +218,7 @@ def save_tree(path: Path, tree: Any) -> None:
 def load_tree(path: Path) -> Any:
     """Read a file written by save_tree; InputError when it is missing, truncated or malformed."""
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     try:
         with safe_open(str(path), framework="pt") as f:

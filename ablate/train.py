@@ -48,6 +48,7 @@ from ablate.optim import CellOptimizer, wsd_multiplier
 # it without changing what is computed.
 _RESUMABLE_CONFIG_CHANGES = ("checkpoint_every",)
 _NEVER = torch.iinfo(torch.int64).max  # "no non-finite value seen yet"
+compiled_canonical_rows = fastpath.dispatch_compiled(canonical_rows)  # one fused graph on CUDA
 
 
 @dataclass
@@ -130,7 +131,10 @@ class WindowSampler:
         """[batch, seq_len + 1] int64 windows with uniform start offsets in [0, N − seq_len − 1]."""
         n_starts = self.stream.numel() - self.seq_len
         starts = torch.randint(0, n_starts, (self.batch, 1), generator=self.generator)
-        return self.stream[starts + self._offsets]
+        # index_select, not stream[2-D index]: the same windows, without advanced indexing's
+        # slow CPU path (milliseconds per draw on a long stream)
+        index = (starts + self._offsets).reshape(-1)
+        return torch.index_select(self.stream, 0, index).view(self.batch, self.seq_len + 1)
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         windows = self.draw()
@@ -210,6 +214,8 @@ def evaluate(student: torch.nn.Module, sampler: WindowSampler, n_batches: int,
         for i in range(n_batches):
             if i > 0 and should_stop():
                 return None
+            if fastpath.enabled_for(sampler.device):
+                fastpath.step_begin()
             inputs, targets = sampler()
             with autocast():
                 logits = student(inputs, aux=False).logits
@@ -262,7 +268,9 @@ class CellRun:
         self.device = torch.device(device)
         self.router = getattr(student, "engram_skip_router", None)
         self._check_inputs()
-        if fastpath.enabled_for(self.device) and hasattr(student, "compile_hot_paths"):
+        self.compiled = fastpath.enabled_for(self.device) and hasattr(student, "compile_hot_paths")
+        if self.compiled:
+            fastpath.release_graphs()  # a previous cell's CUDA graphs and their memory
             student.compile_hot_paths()
         self.autocast, self.precision = autocast_for(self.device, cfg.precision)
         self.notes = ([f"bf16 was requested but the device is {self.device.type}: trained in fp32"]
@@ -371,7 +379,7 @@ class CellRun:
         cfg = self.cfg
         want_rows = self.objective.needs_sidecar or (
             log_step and self.sidecar is not None and self.router is not None)
-        rows = canonical_rows(inputs, cfg.n_rows, cfg.kl_seed) if want_rows else None
+        rows = compiled_canonical_rows(inputs, cfg.n_rows, cfg.kl_seed) if want_rows else None
         with self.autocast():
             out = self.student(inputs, aux=True)
             result = self.objective(ObjectiveBatch(
@@ -390,6 +398,8 @@ class CellRun:
         """One optimiser update. Returns the log tensors (0-d, on the device; in column
         order) on log steps, {} otherwise. Never waits for the device."""
         cfg, log_step = self.cfg, self.is_log_step(s)
+        if self.compiled:
+            fastpath.step_begin()
         self.optimizer.set_lr(cfg.lr * wsd_multiplier(s, cfg.steps, cfg.warmup, cfg.decay_frac))
         inputs, targets = self.train_sampler()
         step = self.losses(s, inputs, targets, log_step)

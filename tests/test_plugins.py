@@ -70,9 +70,13 @@ def test_local_plugin_that_fails_to_import(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory):
     """pip-install the example package into an isolated target directory, as a stranger would."""
+    import shutil
+
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / EXAMPLE.name  # build outside the repo
+    shutil.copytree(EXAMPLE, source)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(EXAMPLE)], check=True, capture_output=True)
+                    "--target", str(target), str(source)], check=True, capture_output=True)
     return target
 
 

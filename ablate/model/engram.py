@@ -11,11 +11,9 @@ similarity search runs in float32 even under autocast, so bf16 rounding cannot r
 top-k; the full [B, T, N] similarity lives only inside a no-grad region and the k winning
 similarities are recomputed with gradient.
 
-LayerNorm, W_k, W_v and the key RMSNorm act on each table row on its own, so they are applied
-once to all N rows (`project_rows`) and the per-position keys and values are gathered from
-the result: K = K_all[I], V = V_all[I]. This is the same function as projecting the gathered
-rows, with N·E·d instead of B·T·k·E·d multiply-adds, and the value-swapped branch of
-V-contrast reuses K_all, V_all with the permuted indices π[I].
+⟨Q, K⟩ and Σ_k attn·V run over k ≤ 16 rows per position: they are written as broadcast
+products summed over one axis, which torch.compile fuses into one pass over K and V, instead of
+B·T·H batched 1×D·D×k matrix products.
 """
 
 from __future__ import annotations
@@ -57,6 +55,11 @@ def q_diversity(indices: torch.Tensor, attn: torch.Tensor, num_rows: int) -> tor
     return num_rows * (f * P).sum()
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors as float32; float32 and float64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def v_contrast(out: torch.Tensor, out_swapped: torch.Tensor) -> torch.Tensor:
     """Mean over positions of cos(out, out_swapped)². [B, T, d] twice → scalar in [0, 1]."""
     return F.cosine_similarity(out.float(), out_swapped.float(), dim=-1).pow(2).mean()
@@ -89,24 +92,23 @@ class EngramCrossAttention(nn.Module):
             sims = (r.unsqueeze(-2) * rows[indices]).sum(dim=-1)
         return indices, sims
 
-    def project_rows(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """table [N, E] → (keys [N, H, D] = RMSNorm(W_k LN(row)), values [N, H, D] = W_v LN(row))."""
-        rows = self.row_norm(table)
-        shape = (table.shape[0], self.num_heads, self.head_dim)
-        return self.k_norm(self.W_k(rows).view(shape)), self.W_v(rows).view(shape)
+    def attend(self, h: torch.Tensor, rows: torch.Tensor,
+               sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, T, d], raw rows [B, T, k, E], sims [B, T, k]
+        → (out [B, T, d], attn [B, T, H, k]).
 
-    def attend(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               indices: torch.Tensor, sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [B, T, d], keys / values [N, H, D] from `project_rows`, indices [B, T, k],
-        sims [B, T, k] (the additive retrieval bias, scaled by β)
-        → (out [B, T, d], attn [B, T, H, k])."""
+        Rows are LayerNorm-ed here; sims is the additive retrieval bias (scaled by β).
+        """
         B, T, _ = h.shape
-        H, D = self.num_heads, self.head_dim
+        H, D, k = self.num_heads, self.head_dim, rows.shape[2]
+        rows = self.row_norm(rows)
         q = self.q_norm(self.W_q(h).view(B, T, H, D))
-        key, value = keys[indices], values[indices]  # [B, T, k, H, D]
-        scores = torch.einsum("bthd,btjhd->bthj", q, key) / math.sqrt(D)
-        attn = (scores + self.retrieval_bias * sims.unsqueeze(2)).softmax(dim=-1)
-        mixed = torch.einsum("bthj,btjhd->bthd", attn.to(value.dtype), value)
+        key = self.k_norm(self.W_k(rows).view(B, T, k, H, D))
+        value = self.W_v(rows).view(B, T, k, H, D)
+        scores = (_wide(q).unsqueeze(2) * _wide(key)).sum(dim=-1).transpose(2, 3) / math.sqrt(D)
+        attn = (scores + self.retrieval_bias * sims.unsqueeze(2)).softmax(dim=-1)  # [B, T, H, k]
+        weights = attn.transpose(2, 3).unsqueeze(-1).to(value.dtype)  # [B, T, k, H, 1]
+        mixed = (weights * value).sum(dim=2)  # [B, T, H, D]
         return self.W_o(mixed.reshape(B, T, H * D)), attn
 
     def forward(self, h: torch.Tensor, table: torch.Tensor, *, vcontrast: bool = False,
@@ -118,13 +120,12 @@ class EngramCrossAttention(nn.Module):
         same indices and the same similarity bias; vc = mean cos(out, out')².
         """
         indices, sims = self.retrieve(h, table)
-        keys, values = self.project_rows(table)
-        out, attn = self.attend(h, keys, values, indices, sims)
+        out, attn = self.attend(h, table[indices], sims)
         vc = None
         if vcontrast:
             perm_device = generator.device if generator is not None else table.device
             perm = torch.randperm(table.shape[0], generator=generator, device=perm_device)
-            swapped, _ = self.attend(h, keys, values, perm.to(table.device)[indices], sims)
+            swapped, _ = self.attend(h, table[perm.to(table.device)[indices]], sims)
             vc = v_contrast(out, swapped)
         return XAttnOut(out=out, indices=indices, sims=sims, attn=attn, vc=vc,
                         qd=q_diversity(indices, attn, table.shape[0]))

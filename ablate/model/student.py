@@ -16,6 +16,7 @@ them, so a [B, T, V] router snapshot never outlives the caller's use of it (pitf
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,7 @@ from ablate.model.engram import EngramCrossAttention, GatedEngramInjection, XAtt
 from ablate.model.router import SkipToLogitRouter
 
 TRAINABLE_PREFIXES = ("engram_injections.", "engram_skip_router.")
+_COMPILED_FORWARDS: dict[str, Callable] = {}  # Student._forward through torch.compile, by backend
 
 
 @dataclass
@@ -99,7 +101,7 @@ class Student(nn.Module):
         self.engram_skip_router = SkipToLogitRouter(d, cfg.alpha_init) if cfg.router else None
         self.router_layer = max(cfg.inject_layers) if cfg.router else None
         self.register_buffer("table", self._checked_table(table), persistent=False)
-        self._hot_paths_compiled = False
+        self._compiled: str | None = None  # the compile backend, set by compile_hot_paths
 
     def _checked_table(self, table: torch.Tensor) -> torch.Tensor:
         if table.dim() != 2 or table.shape[1] != self.cfg.engram_dim:
@@ -124,17 +126,15 @@ class Student(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def compile_hot_paths(self) -> None:
-        """Run every backbone layer and each injection's attention through torch.compile
-        (ablate.fastpath.compile_fn), in place: parameters, state_dict and outputs keep their
-        names and meaning. Retrieval (top-k) and the V-contrast permutation stay eager. A second
-        call does nothing."""
-        if self._hot_paths_compiled:
-            return
-        for layer in self.backbone.layers:  # regional compilation: one graph serves every layer
-            layer.compile(dynamic=False, backend=fastpath.BACKEND)
-        for injection in self.engram_injections.values():
-            injection.xattn.attend = fastpath.compile_fn(injection.xattn.attend)
-        self._hot_paths_compiled = True
+        """Run the forward pass (trace=False) as one torch.compile'd graph, replayed as a CUDA
+        graph (ablate.fastpath.compile_fn); parameters, state_dict and outputs are unchanged.
+        The retrieval top-k and the V-contrast permutation run inside it as the same aten ops.
+        Outputs of one call are valid until the next `fastpath.step_begin()`. The compiled
+        function is shared by all students (same graphs, parameters as inputs)."""
+        if fastpath.BACKEND not in _COMPILED_FORWARDS:
+            _COMPILED_FORWARDS[fastpath.BACKEND] = fastpath.compile_fn(Student._forward,
+                                                                      cuda_graphs=True)
+        self._compiled = fastpath.BACKEND
 
     def forward(self, tokens: torch.Tensor, *, aux: bool = False, inject_mult: float = 1.0,
                 trace: bool = False, generator: torch.Generator | None = None) -> StudentOutput:
@@ -145,6 +145,11 @@ class Student(nn.Module):
         trace: record each injection's input, output and retrieval in `traces`.
         generator: RNG for the V-contrast permutations (global RNG when None).
         """
+        run = Student._forward if trace or not self._compiled else _COMPILED_FORWARDS[self._compiled]
+        return run(self, tokens, aux=aux, inject_mult=inject_mult, trace=trace, generator=generator)
+
+    def _forward(self, tokens: torch.Tensor, *, aux: bool, inject_mult: float, trace: bool,
+                 generator: torch.Generator | None) -> StudentOutput:
         vc: dict[int, torch.Tensor] = {}
         qd: dict[int, torch.Tensor] = {}
         gates: dict[int, torch.Tensor] = {}
