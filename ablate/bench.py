@@ -136,6 +136,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _release(device: torch.device) -> None:
+    """Free what earlier measurements left: Python garbage and cached blocks. (Recorded CUDA
+    graphs keep their memory pool for the rest of the process.)"""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -143,30 +145,38 @@ def _release(device: torch.device) -> None:
 
 def time_steps(step: Callable[[int], object], warmup: int, steps: int,
                device: torch.device) -> dict[str, float]:
-    """Run step(s) for s < warmup untimed, then `steps` timed (CUDA events on CUDA). Peak
-    memory is the allocator's peak over the timed steps, resident tensors included."""
+    """Run step(s) for s < warmup untimed, then `steps` timed (CUDA events on CUDA).
+
+    Memory, over the timed steps, resident tensors included: peak_memory_gib is the allocator's
+    peak of allocated memory; peak_reserved_gib the peak of reserved memory after the cache was
+    emptied at the end of the warm-up, which also counts CUDA-graph memory pools (a replayed
+    graph's intermediates are never allocated through the allocator, so the first figure does
+    not see them).
+    """
+    _release(device)
     t0 = time.perf_counter()
     for s in range(warmup):
         step(s)
     _sync(device)
     warmup_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for s in range(warmup, warmup + steps):
-            step(s)
-        end.record()
-        end.synchronize()
-        ms = start.elapsed_time(end) / steps
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-    else:
+    if device.type != "cuda":
         t = time.perf_counter()
         for s in range(warmup, warmup + steps):
             step(s)
-        ms = 1000 * (time.perf_counter() - t) / steps
-        peak = None
-    return {"ms_per_step": ms, "peak_memory_gib": peak, "warmup_s": warmup_s}
+        return {"ms_per_step": 1000 * (time.perf_counter() - t) / steps, "peak_memory_gib": None,
+                "peak_reserved_gib": None, "warmup_s": warmup_s}
+    _release(device)  # compilation and warm-up leftovers
+    torch.cuda.reset_peak_memory_stats(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for s in range(warmup, warmup + steps):
+        step(s)
+    end.record()
+    end.synchronize()
+    return {"ms_per_step": start.elapsed_time(end) / steps,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+            "warmup_s": warmup_s}
 
 
 # ------------------------------------------------------------------------------ cell setup
@@ -268,24 +278,29 @@ def _throughput(timing: dict, size: BenchSize, flops: float, peak: float | None)
 
 
 def bench_cells(size: BenchSize, device: torch.device, peak: float | None) -> dict:
-    """The router-on KL+CE step (ablate vs naive, loss check first) and the router-off CE step
-    and one evaluation batch (ablate only, for the full-matrix estimate)."""
+    """The router-on KL+CE step, naive then ablate, each first computing the loss of one fixed
+    batch from the same initial weights (the equal-work check); then ablate's evaluation batch
+    and router-off CE step (for the full-matrix estimate)."""
     inputs = make_cell_inputs(size, device)
     precision = "bf16" if device.type == "cuda" else "fp32"
     cfg = train_config(size, precision)
     flops = cell_step_flops(size, router=True)
+    batch = WindowSampler(inputs.train, cfg.batch, cfg.seq_len, 7, device)()
 
-    # equal work: both losses of one batch from identical weights, before any update
     naive = NaiveStep(make_student(size, inputs, device, True), inputs, cfg, size.lam, device)
+    torch.manual_seed(1)
+    naive_loss = naive.loss(cfg.aux_warmup, *batch).item()
+    naive_t = _throughput(time_steps(naive, size.warmup, size.steps, device), size,
+                          flops["total"], peak)
+    del naive
+    _release(device)
+
     run = CellRun(make_student(size, inputs, device, True), make_objective(size, inputs, True),
                   inputs.train, inputs.val, inputs.sidecar, cfg, device)
-    batch = WindowSampler(inputs.train, cfg.batch, cfg.seq_len, 7, device)()
     torch.manual_seed(1)
     t = time.perf_counter()
     ablate_loss = run.losses(cfg.aux_warmup, *batch, log_step=False).loss.item()
-    first_call_s = time.perf_counter() - t  # includes compilation on CUDA
-    torch.manual_seed(1)
-    naive_loss = naive.loss(cfg.aux_warmup, *batch).item()
+    first_call_s = time.perf_counter() - t  # includes compiling the training graphs on CUDA
     rel = abs(ablate_loss - naive_loss) / max(abs(naive_loss), 1e-12)
     rows_equal = torch.equal(compiled_canonical_rows(batch[0], cfg.n_rows, cfg.kl_seed),
                              canonical_rows(batch[0], cfg.n_rows, cfg.kl_seed))
@@ -293,15 +308,6 @@ def bench_cells(size: BenchSize, device: torch.device, peak: float | None) -> di
              "tolerance": size.tolerance[precision], "kl_rows_equal": rows_equal,
              "first_call_s": first_call_s,
              "ok": rel <= size.tolerance[precision] and rows_equal}
-    del run, batch
-    _release(device)
-
-    naive_t = _throughput(time_steps(naive, size.warmup, size.steps, device), size,
-                          flops["total"], peak)
-    del naive
-    _release(device)
-    run = CellRun(make_student(size, inputs, device, True), make_objective(size, inputs, True),
-                  inputs.train, inputs.val, inputs.sidecar, cfg, device)
     ablate_t = _throughput(time_steps(run.advance, size.warmup, size.steps, device), size,
                            flops["total"], peak)
     eval_t = time_steps(lambda s: evaluate(run.student, run.val_sampler, 1, run.autocast),
@@ -314,15 +320,18 @@ def bench_cells(size: BenchSize, device: torch.device, peak: float | None) -> di
                   inputs.train, inputs.val, None, cfg, device)
     off_t = _throughput(time_steps(run.advance, size.warmup, max(2, size.steps // 3), device),
                         size, off_flops["total"], peak)
-    del run, inputs
+    del run, inputs, batch
     _release(device)
 
+    def ratio(key: str) -> float | None:
+        return ablate_t[key] / naive_t[key] if naive_t[key] else None
+
     ratios = {"tokens_per_s": ablate_t["tokens_per_s"] / naive_t["tokens_per_s"],
-              "peak_memory": (ablate_t["peak_memory_gib"] / naive_t["peak_memory_gib"]
-                              if naive_t["peak_memory_gib"] else None)}
+              "peak_memory": ratio("peak_memory_gib"), "peak_reserved": ratio("peak_reserved_gib")}
     return {"precision": precision, "flops": flops, "flops_router_off": off_flops,
             "loss_check": check, "ablate": ablate_t, "naive": naive_t, "ratios": ratios,
-            "router_off_ablate": off_t, "eval_ms_per_batch": eval_t["ms_per_step"]}
+            "router_off_ablate": off_t, "eval_ms_per_batch": eval_t["ms_per_step"],
+            "eval_warmup_s": eval_t["warmup_s"]}
 
 
 # ---------------------------------------------------------------------------------- oracle
@@ -387,16 +396,21 @@ def bench_oracle(size: BenchSize, device: torch.device, peak: float | None) -> d
 
 
 def full_matrix_estimate(cells: dict) -> dict:
-    """ZEB-139's six cells at this size from the measured step and evaluation times."""
+    """ZEB-139's six cells at this size from the measured step and evaluation times; a second
+    figure adds the warm-up measured here (mostly compilation: the first training call and
+    warm-up steps with the router on and off, the first evaluations), paid once a process."""
     per = {"router_off": cells["router_off_ablate"]["ms_per_step"],
            "router_on": cells["ablate"]["ms_per_step"]}
     seconds = sum(n * (STEPS_PER_CELL * per[kind] + EVAL_BATCHES_PER_CELL
                        * cells["eval_ms_per_batch"]) for kind, n in CELLS) / 1000
-    return {"seconds": seconds, "minutes": seconds / 60, "is_estimate": True,
+    compile_s = (cells["loss_check"]["first_call_s"] + cells["ablate"]["warmup_s"]
+                 + cells["router_off_ablate"]["warmup_s"] + 2 * cells["eval_warmup_s"])
+    return {"seconds": seconds, "minutes": seconds / 60, "compile_seconds": compile_s,
+            "minutes_with_compilation": (seconds + compile_s) / 60, "is_estimate": True,
             "formula": "Σ_cells 2000·ms_per_step(cell kind) + 80·eval_ms_per_batch; 2 router-off "
-                       "CE cells, 4 router-on KL+CE cells",
-            "excluded": "the oracle pass, compilation (warmup_s, once per process), probes, "
-                        "report, process start and data loading"}
+                       "CE cells, 4 router-on KL+CE cells; with compilation: + first_call_s + "
+                       "warmup_s (router on, router off) + 2·eval warmup_s",
+            "excluded": "the oracle pass, probes, report, process start and data loading"}
 
 
 def _device_info(device: torch.device) -> tuple[dict, float | None]:
@@ -417,30 +431,34 @@ def _fmt(value, spec: str) -> str:
 def render_table(result: dict) -> Table:
     cells = result["cells"]
     table = Table(title=f"ablate bench --size {result['size']} on {result['device']['name']}")
-    for col in ("measurement", "ms/step", "tokens/s", "MFU", "peak GiB", "vs naive"):
+    for col in ("measurement", "ms/step", "tokens/s", "MFU", "peak GiB alloc / reserved", "vs naive"):
         table.add_column(col, justify="left" if col == "measurement" else "right")
     a, n, r = cells["ablate"], cells["naive"], cells["ratios"]
+
+    def memory(m: dict) -> str:
+        return f"{_fmt(m['peak_memory_gib'], '.2f')} / {_fmt(m['peak_reserved_gib'], '.2f')}"
+
     table.add_row("cell step, ablate", _fmt(a["ms_per_step"], ".2f"), _fmt(a["tokens_per_s"], ",.0f"),
-                  _fmt(a["mfu"], ".1%"), _fmt(a["peak_memory_gib"], ".2f"),
-                  f"{r['tokens_per_s']:.2f}× tok/s, {_fmt(r['peak_memory'], '.2f')}× mem")
+                  _fmt(a["mfu"], ".1%"), memory(a),
+                  f"{r['tokens_per_s']:.2f}× tok/s, {_fmt(r['peak_memory'], '.2f')} / "
+                  f"{_fmt(r['peak_reserved'], '.2f')}× mem")
     table.add_row("cell step, naive reference", _fmt(n["ms_per_step"], ".2f"),
-                  _fmt(n["tokens_per_s"], ",.0f"), _fmt(n["mfu"], ".1%"),
-                  _fmt(n["peak_memory_gib"], ".2f"), "1×")
+                  _fmt(n["tokens_per_s"], ",.0f"), _fmt(n["mfu"], ".1%"), memory(n), "1×")
     o = cells["router_off_ablate"]
     table.add_row("cell step, router off (CE)", _fmt(o["ms_per_step"], ".2f"),
-                  _fmt(o["tokens_per_s"], ",.0f"), _fmt(o["mfu"], ".1%"),
-                  _fmt(o["peak_memory_gib"], ".2f"), "")
+                  _fmt(o["tokens_per_s"], ",.0f"), _fmt(o["mfu"], ".1%"), memory(o), "")
     if result.get("oracle"):
         q = result["oracle"]
         table.add_row("oracle pass (incl. hashing + accumulation)", "", _fmt(q["tokens_per_s"], ",.0f"),
-                      _fmt(q["mfu"], ".1%"), _fmt(q["peak_memory_gib"], ".2f"), "")
+                      _fmt(q["mfu"], ".1%"), f"{_fmt(q['peak_memory_gib'], '.2f')} / —", "")
         table.add_row("teacher forward alone", "", _fmt(q["teacher_forward_tokens_per_s"], ",.0f"),
                       "", "", "")
     est = result["full_matrix_estimate"]
     table.caption = (f"loss check: ablate {cells['loss_check']['ablate_loss']:.5f} vs naive "
                      f"{cells['loss_check']['naive_loss']:.5f} "
                      f"({'ok' if cells['loss_check']['ok'] else 'MISMATCH'}); ZEB-139 full matrix "
-                     f"≈ {est['minutes']:.1f} min (estimate; {est['excluded']})")
+                     f"≈ {est['minutes']:.1f} min, {est['minutes_with_compilation']:.1f} min with "
+                     f"compilation (estimates; without {est['excluded']})")
     return table
 
 

@@ -43,14 +43,6 @@ def compile_fn(fn: Callable, cuda_graphs: bool = False) -> Callable:
     return torch.compile(fn, dynamic=False, backend=BACKEND)
 
 
-def release_graphs() -> None:
-    """Drop every recorded CUDA graph and its memory pool (compiled code stays cached); the next
-    call of a compiled function records afresh, e.g. for a new student's parameters."""
-    from torch._inductor import cudagraph_trees
-
-    cudagraph_trees.reset_cudagraph_trees()
-
-
 def step_begin() -> None:
     """Tell the CUDA-graph replays that a new iteration starts (outputs of the previous one
     may be overwritten from here on)."""

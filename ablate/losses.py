@@ -66,22 +66,31 @@ _DIVERGENCES: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tenso
 
 
 def _divergence_chunk(z: torch.Tensor, sidecar: torch.Tensor, rows: torch.Tensor,
-                      weights: torch.Tensor, kind: str, temperature: float, with_grad: bool):
-    """One chunk: z [c, V] (any float dtype), rows [c], weights [c] float32
-    → (D per row [c] float32, w·∂D/∂z [c, V] in z's dtype, or None without with_grad).
+                      weights: torch.Tensor, kind: str, temperature: float,
+                      grad_out: torch.Tensor | None) -> torch.Tensor:
+    """One chunk: z [c, V] (any float dtype), rows [c], weights [c] float32 → D per row [c]
+    float32; with grad_out [c, V] (z's dtype) given, w·∂D/∂z is written into it.
 
     Runs as one compiled graph on CUDA (see ablate.fastpath): the sidecar gather, both log
-    softmaxes and the gradient fuse, so no float32 [c, V] intermediate reaches memory there.
+    softmaxes and the gradient fuse and the gradient is stored straight into grad_out, so no
+    float32 [c, V] intermediate reaches memory there.
     """
     log_r = torch.log_softmax(z.float() / temperature, dim=-1)
     log_t = torch.log_softmax(sidecar[rows.clamp(min=0)].float() / temperature, dim=-1)
     div, grad = _DIVERGENCES[kind](log_r, log_t)
-    if not with_grad:
-        return div, None
-    return div, (grad * (weights / temperature)[:, None]).to(z.dtype)
+    if grad_out is not None:
+        grad_out.copy_(grad * (weights / temperature)[:, None])
+    return div
+
+
+def _scale(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """grad *= factor in place; factor is a 0-d tensor on grad's device (never read by the
+    host). Compiled on CUDA: a vectorised pass, where eager bf16 × float32-tensor is not."""
+    grad.mul_(factor)
 
 
 _divergence_chunk_fast = fastpath.dispatch_compiled(_divergence_chunk)
+_scale_fast = fastpath.dispatch_compiled(_scale)
 
 
 class _RowDivergence(torch.autograd.Function):
@@ -99,11 +108,9 @@ class _RowDivergence(torch.autograd.Function):
         with torch.autocast(z.device.type, enabled=False):
             for start in range(0, z.shape[0], chunk):
                 part = slice(start, start + chunk)
-                div, grad = _divergence_chunk_fast(z[part], sidecar, rows[part], weights[part],
-                                                   kind, temperature, with_grad)
+                div = _divergence_chunk_fast(z[part], sidecar, rows[part], weights[part], kind,
+                                             temperature, grad_z[part] if with_grad else None)
                 total += (div * weights[part]).sum(dtype=torch.float64)
-                if with_grad:
-                    grad_z[part] = grad
         ctx.save_for_backward(grad_z)
         return total.float()
 
@@ -111,7 +118,7 @@ class _RowDivergence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_total):
         (grad_z,) = ctx.saved_tensors
-        torch._foreach_mul_([grad_z], grad_total)  # in place; the 0-d factor stays on the device
+        _scale_fast(grad_z, grad_total)
         return grad_z, None, None, None, None, None, None
 
 
@@ -172,17 +179,18 @@ def masked_mean(total: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
     return total / torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
 
 
-def _cross_entropy_chunk(z: torch.Tensor, targets: torch.Tensor, with_grad: bool):
-    """One chunk: z [c, V], targets [c] → (−log softmax(z)[y] per row [c] float32,
-    softmax(z) − onehot(y) [c, V] in z's dtype, or None without with_grad)."""
+def _cross_entropy_chunk(z: torch.Tensor, targets: torch.Tensor,
+                         grad_out: torch.Tensor | None) -> torch.Tensor:
+    """One chunk: z [c, V], targets [c] → −log softmax(z)[y] per row [c] float32; with grad_out
+    [c, V] (z's dtype) given, softmax(z) − onehot(y) is written into it."""
     zf = z.float()
     lse = torch.logsumexp(zf, dim=-1)
     nll = lse - zf.gather(1, targets[:, None]).squeeze(1)
-    if not with_grad:
-        return nll, None
-    softmax = torch.exp(zf - lse[:, None])
-    is_target = torch.arange(z.shape[1], device=z.device) == targets[:, None]
-    return nll, torch.where(is_target, softmax - 1.0, softmax).to(z.dtype)
+    if grad_out is not None:
+        softmax = torch.exp(zf - lse[:, None])
+        is_target = torch.arange(z.shape[1], device=z.device) == targets[:, None]
+        grad_out.copy_(torch.where(is_target, softmax - 1.0, softmax))
+    return nll
 
 
 _cross_entropy_chunk_fast = fastpath.dispatch_compiled(_cross_entropy_chunk)
@@ -200,10 +208,9 @@ class _CrossEntropy(torch.autograd.Function):
         with torch.autocast(z.device.type, enabled=False):
             for start in range(0, z.shape[0], chunk):
                 part = slice(start, start + chunk)
-                nll, grad = _cross_entropy_chunk_fast(z[part], targets[part], with_grad)
+                nll = _cross_entropy_chunk_fast(z[part], targets[part],
+                                                grad_z[part] if with_grad else None)
                 total += nll.sum(dtype=torch.float64)
-                if with_grad:
-                    grad_z[part] = grad
         ctx.save_for_backward(grad_z)
         ctx.positions = z.shape[0]
         return (total / z.shape[0]).float()
@@ -212,7 +219,7 @@ class _CrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_mean):
         (grad_z,) = ctx.saved_tensors
-        torch._foreach_mul_([grad_z], grad_mean / ctx.positions)
+        _scale_fast(grad_z, grad_mean / ctx.positions)
         return grad_z, None, None
 
 

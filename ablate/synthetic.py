@@ -14,11 +14,8 @@ Generator (all randomness from `numpy.random.default_rng(seed)`; same parameters
   as a *rule context* with probability `planted_fraction` and gives it a target f(a, b),
   uniform over 1..V−1: with s(x) the splitmix64 finaliser (x += 0x9E3779B97F4A7C15;
   x = (x ^ x>>30)·0xBF58476D1CE4E5B9; x = (x ^ x>>27)·0x94D049BB133111EB; x ^ x>>31, mod 2⁶⁴),
-  h₁ = s(key XOR s(seed)) with key = a·V + b, rule ⇔ ⌊h₁ / 2¹¹⌋·2⁻⁵³ < planted_fraction,
-  f = 1 + s(h₁) mod (V − 1).
-  `context_tokens = 1` makes the rules read the previous token alone: key = b, so whether
-  (a, b) is a rule context and its target depend on b only. There are then at most V − 1 rule
-  contexts instead of (V − 1)², few enough for a small teacher to learn from a short stream. At a content position with a rule context the next
+  h₁ = s((a·V + b) XOR s(seed)), rule ⇔ ⌊h₁ / 2¹¹⌋·2⁻⁵³ < planted_fraction,
+  f = 1 + s(h₁) mod (V − 1). At a content position with a rule context the next
   token is f(a, b) with probability `determinism`, otherwise a background draw; at a content
   position with a non-rule context it is a background draw. So
       P(k | rule ctx) = d·[k = f] + (1 − d)·π(k),   P(k | other ctx) = π(k)        (d = determinism)
@@ -66,7 +63,6 @@ class SyntheticSpec:
     planted_fraction: float = 0.5
     determinism: float = 0.9
     structure: Literal["planted", "none"] = "planted"
-    context_tokens: Literal[1, 2] = 2
 
     @property
     def rule_fraction(self) -> float:
@@ -89,11 +85,8 @@ def background_distribution(vocab_size: int, zipf_a: float) -> np.ndarray:
 
 
 def rule_lookup(spec: SyntheticSpec, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Contexts (a, b) [n] → (is_rule [n] bool, target [n] int64 in 1..V−1); a is ignored when
-    spec.context_tokens == 1."""
-    key = b.astype(np.uint64)
-    if spec.context_tokens == 2:
-        key = a.astype(np.uint64) * np.uint64(spec.vocab_size) + key
+    """Contexts (a, b) [n] → (is_rule [n] bool, target [n] int64 in 1..V−1)."""
+    key = a.astype(np.uint64) * np.uint64(spec.vocab_size) + b.astype(np.uint64)
     salt = _splitmix64(np.array([spec.seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
     h1 = _splitmix64(key ^ salt)
     h2 = _splitmix64(h1)
@@ -220,8 +213,7 @@ def describe(spec: SyntheticSpec) -> str:
     if spec.structure == "none":
         rules = "no planted rules (i.i.d. background tokens)"
     else:
-        contexts = "bigram contexts" if spec.context_tokens == 2 else "single-token contexts"
-        rules = (f"{spec.planted_fraction:.0%} of {contexts} are rule contexts whose next token "
+        rules = (f"{spec.planted_fraction:.0%} of bigram contexts are rule contexts whose next token "
                  f"is a fixed target with probability {spec.determinism}")
     return (f"synthetic stream, V={spec.vocab_size} (id 0 = EOS), documents of geometric length "
             f"(mean {spec.doc_len:g}), Zipf(a={spec.zipf_a}) background; {rules}; seed {spec.seed}")

@@ -270,7 +270,6 @@ class CellRun:
         self._check_inputs()
         self.compiled = fastpath.enabled_for(self.device) and hasattr(student, "compile_hot_paths")
         if self.compiled:
-            fastpath.release_graphs()  # a previous cell's CUDA graphs and their memory
             student.compile_hot_paths()
         self.autocast, self.precision = autocast_for(self.device, cfg.precision)
         self.notes = ([f"bf16 was requested but the device is {self.device.type}: trained in fp32"]

@@ -44,10 +44,10 @@ def test_throughputs_and_ratios_follow_from_the_reported_numbers(result):
         m = cells[name]
         assert m["ms_per_step"] > 0
         assert m["tokens_per_s"] == pytest.approx(tokens / (m["ms_per_step"] / 1000), rel=1e-12)
-        assert m["mfu"] is None and m["peak_memory_gib"] is None  # CPU: no peak FLOPs, no allocator
+        assert m["mfu"] is None and m["peak_memory_gib"] is None and m["peak_reserved_gib"] is None
     assert cells["ratios"]["tokens_per_s"] == pytest.approx(
         cells["ablate"]["tokens_per_s"] / cells["naive"]["tokens_per_s"], rel=1e-12)
-    assert cells["ratios"]["peak_memory"] is None
+    assert cells["ratios"]["peak_memory"] is None and cells["ratios"]["peak_reserved"] is None
     assert result["speedup_vs_reference"] == pytest.approx(
         result["reference_cell_step_ms"] / cells["ablate"]["ms_per_step"], rel=1e-12)
 
@@ -59,6 +59,9 @@ def test_full_matrix_estimate_recomputed(result):
     assert est["is_estimate"] is True
     assert est["seconds"] == pytest.approx(expected_ms / 1000, rel=1e-12)
     assert est["minutes"] == pytest.approx(est["seconds"] / 60, rel=1e-12)
+    compile_s = (cells["loss_check"]["first_call_s"] + cells["ablate"]["warmup_s"]
+                 + cells["router_off_ablate"]["warmup_s"] + 2 * cells["eval_warmup_s"])
+    assert est["minutes_with_compilation"] == pytest.approx((est["seconds"] + compile_s) / 60, rel=1e-12)
 
 
 def test_oracle_figures(result):

@@ -70,7 +70,6 @@ class SyntheticParams(Params):
     planted_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of bigram contexts that are rules")
     determinism: float = Field(0.9, ge=0.0, le=1.0, description="P(rule target | rule context)")
     structure: Literal["planted", "none"] = "planted"
-    context_tokens: Literal[1, 2] = Field(2, description="tokens a rule context reads: 2 = (a, b), 1 = the previous token")
 
 
 class SyntheticCorpus(Corpus):
@@ -83,8 +82,7 @@ class SyntheticCorpus(Corpus):
         p = self.params
         return synthetic.SyntheticSpec(vocab_size=p.vocab_size, n_tokens=p.n_tokens, seed=p.seed,
                                        doc_len=p.doc_len, zipf_a=p.zipf_a, planted_fraction=p.planted_fraction,
-                                       determinism=p.determinism, structure=p.structure,
-                                       context_tokens=p.context_tokens)
+                                       determinism=p.determinism, structure=p.structure)
 
     def load(self, workdir: Path, progress: Progress = no_progress) -> TokenCorpus:
         spec = self.spec()
