@@ -93,7 +93,9 @@ def cell_step_flops(size: BenchSize, router: bool = True) -> dict[str, float]:
     attention's backward at 2.5× its forward (it recomputes QKᵀ). Causal attention counts half
     of the T² products. LM head and router head: forward, plus the input gradient (E is frozen).
     Engram (trainable): forward, backward at 2× (input and weight gradients); the fp32 top-k
-    similarity search is forward only. Router W_align: forward and 2× backward.
+    similarity search is forward only; the attention (W_q, W_k and W_v on the k gathered rows,
+    scores, weighted values, W_o) runs twice with V-contrast. Router W_align: forward and 2×
+    backward.
     """
     c, e = size.backbone, size.engram
     P, T, B = size.batch * size.seq_len, size.seq_len, size.batch
@@ -102,9 +104,9 @@ def cell_step_flops(size: BenchSize, router: bool = True) -> dict[str, float]:
     layer_gemm = 2 * P * (d * q_width + 2 * d * kv_width + q_width * d + 3 * d * c.ffn_dim)
     layer_attn = 2 * B * c.num_query_heads * T * T * c.head_dim  # (QKᵀ + PV) · ½ causal
     grad_layers = c.num_layers - 1 - min(e.inject_layers)
-    mix = 2 * 2 * P * e.num_heads * k * (d // e.num_heads)  # scores + weighted values
-    engram_fwd = (2 * P * d * E + 2 * 2 * N * E * d + 2 * P * d * d + mix + 2 * P * d * d
-                  + mix + 2 * P * d * d)  # W_r, W_k/W_v on N rows, W_q, attend, W_o, V-contrast
+    attend = (2 * P * d * d + 2 * 2 * P * k * E * d  # W_q; W_k and W_v on the P·k rows
+              + 2 * 2 * P * k * d + 2 * P * d * d)  # scores and weighted values; W_o
+    engram_fwd = 2 * P * d * E + 2 * attend  # W_r; the attention and its V-contrast twin
     search = 2 * P * E * N
     parts = {
         "backbone_forward": c.num_layers * (layer_gemm + layer_attn),
@@ -192,6 +194,8 @@ class CellInputs:
 
 
 def make_cell_inputs(size: BenchSize, device: torch.device, seed: int = 0) -> CellInputs:
+    """Random backbone weights, table [N, E], sidecar [N, V] (teacher-like logit scale 3) and
+    uniform token streams, all from `seed`."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     backbone = Backbone(size.backbone)
@@ -215,6 +219,8 @@ def make_student(size: BenchSize, inputs: CellInputs, device: torch.device, rout
 
 
 def train_config(size: BenchSize, precision: str) -> TrainConfig:
+    """ZEB-139's training config with the aux weights at full strength from step 1 and no
+    evaluation inside the timed steps."""
     return TrainConfig(steps=size.warmup + size.steps, batch=size.batch, seq_len=size.seq_len,
                        warmup=1, aux_warmup=1, eval_every=10**9, precision=precision,
                        n_rows=size.rows, name="bench")

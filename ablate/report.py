@@ -269,7 +269,7 @@ def reads_sidecar(cell: dict) -> bool:
 
 
 def control_validity(r: dict, pair: dict, t: Text) -> str:
-    """One sentence pair for a real/control pair: is the control a no-op for retrieval (from the
+    """Two sentences for a real/control pair: is the control a no-op for retrieval (from the
     retrieval-control probe), and what still differs between the two cells."""
     real, control = pair["real"], pair["shuffled"]
     cells = r["cells"]
@@ -301,6 +301,8 @@ def control_validity(r: dict, pair: dict, t: Text) -> str:
                  f"column) and {target}")
         if len(noop) == len(layers):
             still += ". Every real-vs-control difference in this pair comes from that target (or training noise)"
+        else:
+            still = "the retrieved content, and " + still
     elif len(noop) == len(layers):
         still = (f"nothing the objective reads: {objective} is not trained against the sidecar, so both cells "
                  "see the same content and this pair measures training noise, not oracle content")

@@ -115,8 +115,15 @@ def render_markdown(rows: list[dict], title: str, real: str, control: str) -> st
                       ""])
 
 
-def plot(rows: list[dict], path: Path, real: str, control: str) -> None:
-    """cross_run_cos and the per-cell metrics against log2(rows); markers coloured by outcome."""
+def threshold_bounds(results: dict) -> dict[str, float]:
+    """Metric → the bound of the run's single-bound threshold on it (below, above, …)."""
+    return {t["metric"]: t["rule"]["bounds"][0] for t in results.get("thresholds", [])
+            if len(t["rule"]["bounds"]) == 1}
+
+
+def plot(rows: list[dict], path: Path, real: str, control: str, bounds: dict[str, float]) -> None:
+    """cross_run_cos and the per-cell metrics against log2(rows), each with its threshold's bound
+    (dotted) where the spec has one; markers coloured by outcome."""
     rows = sorted(rows, key=lambda r: r["rows"])
     xs = [math.log2(r["rows"]) for r in rows]
     panels = [("cross_run_cos", [("cross_run_cos", "real vs control")])] + [
@@ -131,8 +138,10 @@ def plot(rows: list[dict], path: Path, real: str, control: str) -> None:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=1.2)
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=28, zorder=3,
                            c=[colours.get(r["outcome"], "#000000") for x, r in zip(xs, rows) if r[key] is not None])
+        if label in bounds:
+            ax.axhline(bounds[label], color="#7f8c8d", linewidth=0.8, linestyle=":", label="threshold bound")
         if label == "cross_run_cos":
-            ax.axhline(MOVE_TOGETHER, color="#c0392b", linewidth=0.8, linestyle="--")
+            ax.axhline(MOVE_TOGETHER, color="#c0392b", linewidth=0.8, linestyle="--", label="move together")
             ax.set_title("marker colour = outcome: green clean_positive, red cheap_win, grey holds", fontsize=8)
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
@@ -151,7 +160,7 @@ def summarise(results: list[dict], report_path: Path) -> str:
     disc = results[0]["discriminator"][0]
     report_path.parent.mkdir(parents=True, exist_ok=True)
     png = report_path.with_suffix(".png")
-    plot(rows, png, disc["real"], disc["shuffled"])
+    plot(rows, png, disc["real"], disc["shuffled"], threshold_bounds(results[0]))
     text = render_markdown(rows, f"Oracle-rows sweep: {report_path.stem}", disc["real"], disc["shuffled"])
     text += f"\n![oracle-rows sweep]({png.name})\n"
     store.write_atomic(report_path, text.encode())

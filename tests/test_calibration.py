@@ -69,7 +69,8 @@ def test_report_states_whether_each_control_is_a_retrieval_no_op(tmp_path):
     assert "a no-op for retrieval" in off and "L2 0.0000, L5 0.0000" in off
     assert "nothing the objective reads" in off  # CE: no `kl` column, so the pair measures noise
     assert "changes retrieval** at L5:" in on and "L2" not in on.split("changes retrieval** at ")[1].split(":")[0]
-    assert "L5 0.0731" in on and "the KL target" in on and "kl_ce(lambda=0.5)" in on  # the router cells log `kl`
+    assert "L5 0.0731" in on and "kl_ce(lambda=0.5)" in on  # the router cells log `kl`
+    assert "**What differs:** the retrieved content, and the KL target" in on
     assert untraceable_numbers(text, results) == []
 
 

@@ -145,7 +145,8 @@ class Student(nn.Module):
         trace: record each injection's input, output and retrieval in `traces`.
         generator: RNG for the V-contrast permutations (global RNG when None).
         """
-        run = Student._forward if trace or not self._compiled else _COMPILED_FORWARDS[self._compiled]
+        compiled = self._compiled is not None and not trace
+        run = _COMPILED_FORWARDS[self._compiled] if compiled else Student._forward
         return run(self, tokens, aux=aux, inject_mult=inject_mult, trace=trace, generator=generator)
 
     def _forward(self, tokens: torch.Tensor, *, aux: bool, inject_mult: float, trace: bool,
