@@ -162,7 +162,7 @@ def write_outputs(cell_dir: Path, student, outcome, meta: dict[str, Any]) -> Non
     store.write_atomic(cell_dir / "metrics.csv", history_csv(outcome.history))
     store.write_json(cell_dir / "evals.json", outcome.evals)
     store.write_json(cell_dir / "outcome.json", {"final_val_loss": outcome.final_val_loss, "steps": outcome.steps_done,
-                                                 "seconds": outcome.seconds, "tokens_per_s": outcome.tokens_per_s, **meta})
+                                                 "seconds": outcome.seconds, "tokens_per_s": outcome.tokens_per_s, "tokens": outcome.tokens, **meta})
     store.mark_done(cell_dir, exclude=(STATE_FILE,))
     (cell_dir / STATE_FILE).unlink(missing_ok=True)
 

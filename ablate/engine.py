@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ablate import cells as cellmod
-from ablate import provenance, stages, store
+from ablate import meter, provenance, stages, store
 from ablate.components import CellView, ObjectiveContext
 from ablate.errors import AblateError, InputError, NumericalFault
 from ablate.spec import Spec, base_name, cells_for, sweep_label
@@ -206,31 +206,34 @@ class Experiment:
         if self.fresh:
             self._clear_fresh()
         store.write_json(self.paths.run_dir / "spec.resolved.json", self.spec.model_dump(mode="json", by_alias=True))
-        cache, fresh = self.paths.cache, self.fresh
-        r_corpus, corpus = stages.corpus_stage(cache, corpus_cls, self.corpus_params, self.ui, fresh)
-        self._record(r_corpus)
+        cache, fresh, device = self.paths.cache, self.fresh, self.device
+        with meter.measure(device) as use:
+            r_corpus, corpus = stages.corpus_stage(cache, corpus_cls, self.corpus_params, self.ui, fresh)
+        self._record(r_corpus, use, r_corpus.info["train_tokens"] + r_corpus.info["val_tokens"])
         self.teacher.check(corpus.vocab_size)
         stages.check_lengths(self.spec, self.teacher, corpus)
-        r_bb = stages.backbone_stage(cache, self.spec, r_corpus, corpus, self.device, self.ui, fresh)
-        self._record(r_bb)
-        r_teacher, teacher_ctx = stages.teacher_stage(cache, self.teacher, r_corpus, corpus, self.device, self.spec.seed,
-                                                      self.ui, fresh)
-        self._record(r_teacher)
-        r_oracle, oracle = stages.oracle_stage(cache, self.spec, self.teacher, r_teacher, teacher_ctx, r_corpus, corpus,
-                                               self.device, self.ui, fresh)
-        self._record(r_oracle)
+        with meter.measure(device) as use:
+            r_bb = stages.backbone_stage(cache, self.spec, r_corpus, corpus, device, self.ui, fresh)
+        self._record(r_bb, use, r_bb.info.get("train_tokens"))
+        with meter.measure(device) as use:
+            r_teacher, teacher_ctx = stages.teacher_stage(cache, self.teacher, r_corpus, corpus, device, self.spec.seed,
+                                                          self.ui, fresh)
+        self._record(r_teacher, use, r_teacher.info.get("train_tokens"))
+        with meter.measure(device) as use:
+            r_oracle, oracle = stages.oracle_stage(cache, self.spec, self.teacher, r_teacher, teacher_ctx, r_corpus,
+                                                   corpus, device, self.ui, fresh)
+        self._record(r_oracle, use, r_oracle.info.get("tokens"))
         variants = cellmod.oracle_variants(oracle, self.spec)
 
-        t0 = time.perf_counter()
-        cell_records = self._run_cells(corpus, r_bb, r_oracle, variants)
+        with meter.measure(device) as use:
+            cell_records = self._run_cells(corpus, r_bb, r_oracle, variants)
         all_cached = all(r.get("cached") for r in cell_records.values())
-        self.stage_results["cells"] = stages.StageResult("cells", "", self.paths.run_dir / "cells", all_cached,
-                                                         time.perf_counter() - t0)
-        self._check_stop()
-        t0 = time.perf_counter()
-        probe_metrics, pairs, probes_cached = self._run_probes(corpus, r_bb, r_oracle, variants, cell_records)
-        self.stage_results["probes"] = stages.StageResult("probes", "", self.paths.run_dir, probes_cached,
-                                                          time.perf_counter() - t0)
+        trained = sum(r["outcome"].get("tokens") or 0 for r in cell_records.values()
+                      if r.get("status") == "done" and not r.get("cached"))
+        self._record(stages.StageResult("cells", "", self.paths.run_dir / "cells", all_cached, use.seconds), use, trained)
+        with meter.measure(device) as use:
+            probe_metrics, pairs, probes_cached = self._run_probes(corpus, r_bb, r_oracle, variants, cell_records)
+        self._record(stages.StageResult("probes", "", self.paths.run_dir, probes_cached, use.seconds), use, None)
         self._check_stop()
         results = self._results(corpus, r_teacher, r_oracle, oracle, cell_records, probe_metrics, pairs, t_start)
         store.write_json(self.paths.run_dir / "results.json", results)
@@ -239,10 +242,14 @@ class Experiment:
         render_report(results, self.paths.run_dir, self.paths.report)
         return results
 
-    def _record(self, r: stages.StageResult):
+    def _record(self, r: stages.StageResult, use: meter.Usage, tokens: int | None):
+        """Keep a stage's result with what it cost (tokens count only when computed, not when cached)."""
+        r.tokens = None if r.cached else tokens
+        r.peaks = {k: v for k, v in use.as_dict().items() if k != "seconds"}
         self.stage_results[r.name] = r
         store.write_json(self.paths.run_dir / store.STAGES_FILE, {n: s.key for n, s in self.stage_results.items() if s.key})
-        self.ui.info(f"[green]✓[/] {r.name:<9} {'cached' if r.cached else 'computed'} in {r.seconds:6.1f}s  key {r.key}")
+        if r.key:
+            self.ui.info(f"[green]✓[/] {r.name:<9} {'cached' if r.cached else 'computed'} in {r.seconds:6.1f}s  key {r.key}")
         self._check_stop()
 
     def _check_stop(self):
@@ -305,7 +312,7 @@ class Experiment:
         if resume is not None:
             self.ui.info(f"↻ cell {cell.name}: resuming from step {resume['step']}")
         try:
-            with self.ui.stage(f"cell {cell.name}", total) as progress:
+            with self.ui.stage(f"cell {cell.name}", total) as progress, meter.measure(self.device) as use:
                 if resume is not None:
                     progress(resume["step"] * cfg.batch * cfg.seq_len)
                 outcome = train_cell(student, objective, corpus.train, corpus.val, sidecar, cfg, self.device,
@@ -323,7 +330,8 @@ class Experiment:
         if outcome.stopped_early:
             raise Interrupted()
         cellmod.write_outputs(cell_dir, student, outcome,
-                              {"objective_formula": objective.formula(), "device": str(self.device)})
+                              {"objective_formula": objective.formula(), "device": str(self.device),
+                               "peak_gpu_allocated_gib": use.as_dict()["peak_gpu_allocated_gib"]})
         return self._load_record(cell, cell_dir, cached=False)
 
     def _load_record(self, cell, cell_dir: Path, cached: bool) -> dict:
@@ -466,6 +474,7 @@ class Experiment:
                 "evals": rec.get("evals", []),
                 "history": _thin(rec.get("history", []), 200),
                 "seconds": outcome.get("seconds"), "tokens_per_s": outcome.get("tokens_per_s"),
+                "peak_gpu_allocated_gib": outcome.get("peak_gpu_allocated_gib"),
             }
         results = {
             "schema_version": RESULTS_SCHEMA_VERSION,
@@ -473,7 +482,8 @@ class Experiment:
             "conventions": CONVENTIONS,
             "spec": spec.model_dump(mode="json", by_alias=True, exclude={"profiles"}),
             "axes": spec.axes.model_dump(),
-            "stages": {n: {"key": r.key, "cached": r.cached, "seconds": r.seconds, "info": stages.json_safe(r.info)}
+            "stages": {n: {"key": r.key, "cached": r.cached, "seconds": r.seconds, "tokens": r.tokens,
+                           "tokens_per_s": meter.rate(r.tokens, r.seconds), **r.peaks, "info": stages.json_safe(r.info)}
                        for n, r in self.stage_results.items()},
             "teacher": stages.json_safe(r_teacher.info),
             "oracle": stages.json_safe(oracle.stats),

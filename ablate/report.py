@@ -397,12 +397,39 @@ def _provenance(r: dict, t: Text) -> str:
     plugins = p.get("plugins") or {}
     if plugins:
         lines.append("- plugins: " + ", ".join(f"{k} ({t.value(v)})" for k, v in plugins.items()))
-    stages = r.get("stages") or {name: {"seconds": sec} for name, sec in (p.get("stage_seconds") or {}).items()}
-    if stages:
-        rows = [[name, t.cell(s.get("key")), t.cell(s.get("cached")), t.cell(s.get("seconds"))] for name, s in stages.items()]
-        lines += ["", table(["stage", "key", "cached", "seconds"], rows)]
+    lines += _costs(r, t)
     lines += ["", "Command:", "", "```", t.value(p.get("command")), "```"]
     return "\n".join(lines)
+
+
+def _costs(r: dict, t: Text) -> list[str]:
+    """Per stage and per trained cell: wall seconds, tokens processed, tokens/s, peak GPU memory."""
+    p = r.get("provenance") or {}
+    stages = r.get("stages") or {name: {"seconds": sec} for name, sec in (p.get("stage_seconds") or {}).items()}
+    if not stages:
+        return []
+    gpu = any(s.get("peak_gpu_allocated_gib") is not None for s in stages.values())
+    header = ["stage", "key", "cached", "seconds", "tokens", "tokens/s"]
+    header += ["peak GPU allocated (GiB)", "peak GPU reserved (GiB)"] if gpu else []
+
+    def row(name, s):
+        out = [name, t.cell(s.get("key")), t.cell(s.get("cached")), t.cell(s.get("seconds")),
+               t.cell(s.get("tokens")), t.cell(s.get("tokens_per_s"))]
+        return out + ([t.cell(s.get("peak_gpu_allocated_gib")), t.cell(s.get("peak_gpu_reserved_gib"))] if gpu else [])
+
+    note = ("; peak GPU memory is the stage's own peak, counted from the memory earlier stages left resident"
+            if gpu else "")
+    lines = ["", "What each stage cost in this run (tokens are counted only for work done, not for a cache hit; "
+             f"a stage's tokens/s is over its whole wall time{note}):", "",
+             table(header, [row(name, s) for name, s in stages.items()])]
+    cells = {n: c for n, c in (r.get("cells") or {}).items() if c.get("seconds") is not None}
+    if cells:
+        cell_header = ["cell", "cached", "seconds", "training tokens/s"] + (["peak GPU allocated (GiB)"] if gpu else [])
+        rows = [[n, t.cell(c.get("cached")), t.cell(c.get("seconds")), t.cell(c.get("tokens_per_s"))]
+                + ([t.cell(c.get("peak_gpu_allocated_gib"))] if gpu else []) for n, c in cells.items()]
+        lines += ["", "Cells (seconds include evaluation and checkpoints; tokens/s excludes them):", "",
+                  table(cell_header, rows)]
+    return lines
 
 
 def _expectations(r: dict, t: Text) -> str:

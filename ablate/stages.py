@@ -50,6 +50,8 @@ class StageResult:
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
     digest: str = ""  # content digest of the artifact's data (what dependants were built from)
+    tokens: int | None = None  # tokens this run's computation processed (None when cached or not counted)
+    peaks: dict[str, float | None] = field(default_factory=dict)  # peak GPU GiB, from meter.Usage
 
 
 @functools.lru_cache(maxsize=None)

@@ -101,6 +101,7 @@ class TrainOutcome:
     stopped_early: bool
     seconds: float  # wall time of this call
     tokens_per_s: float  # training tokens of this call / training time (evaluation excluded)
+    tokens: int  # training tokens of this call (steps run × batch × seq_len)
     precision: str  # the precision actually used ("bf16" only with CUDA)
     notes: list[str] = field(default_factory=list)
 
@@ -499,7 +500,7 @@ def train_cell(student: torch.nn.Module, objective: Objective, train_stream: tor
             history=run.history, evals=run.evals, final_val_loss=final, steps_done=run.step,
             stopped_early=stopped, seconds=time.perf_counter() - t0,
             tokens_per_s=run.steps_run * cfg.batch * cfg.seq_len / max(run.train_s, 1e-9),
-            precision=run.precision, notes=run.notes)
+            tokens=run.steps_run * cfg.batch * cfg.seq_len, precision=run.precision, notes=run.notes)
 
     def save() -> None:
         if save_state is not None:

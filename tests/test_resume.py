@@ -379,3 +379,37 @@ def test_plan_lists_keys_and_cache_state_and_fresh_recomputes(baseline, tmp_path
     assert in_process(cwd, monkeypatch, "clean") == 0
     assert not other.exists()
     assert all(_entry(cwd, s).is_dir() for s in STAGES)
+
+
+# ------------------------------------------------------------------------------------ costs
+
+
+def test_stage_costs_count_the_work_done_and_nothing_for_a_cache_hit(baseline, tmp_path, monkeypatch):
+    cwd, results = baseline
+    spec, stages = results["spec"], results["stages"]
+    from ablate_builtins.teachers import LlamaLocalParams
+
+    pre, train = spec["backbone"]["pretrain"], spec["train"]
+    teacher = LlamaLocalParams.model_validate({k: v for k, v in spec["teacher"].items() if k != "plugin"})
+    expected = {
+        "corpus": stages["corpus"]["info"]["train_tokens"] + stages["corpus"]["info"]["val_tokens"],
+        "backbone": pre["steps"] * pre["batch"] * pre["seq_len"],
+        "teacher": teacher.steps * teacher.batch * teacher.seq_len,
+        "oracle": results["oracle"]["tokens"],
+        "cells": len(CELLS) * train["steps"] * train["batch"] * train["seq_len"],
+        "probes": None,
+    }
+    assert {n: s["tokens"] for n, s in stages.items()} == expected
+    for name, s in stages.items():
+        rate = None if s["tokens"] is None else round(s["tokens"] / s["seconds"])
+        assert s["tokens_per_s"] == rate, name
+        assert s["peak_gpu_allocated_gib"] is None and s["peak_gpu_reserved_gib"] is None  # CPU run
+    report = (cwd / "reports" / "demo.md").read_text()
+    assert f"| oracle | {stages['oracle']['key']} | no |" in report
+
+    again = workdir(tmp_path / "again")
+    shutil.copytree(cwd / ".ablate-cache", again / ".ablate-cache")
+    shutil.copytree(cwd / "runs", again / "runs")
+    assert in_process(again, monkeypatch, "run", *ARGS, "--quiet") == 0
+    cached = results_of(again)["stages"]
+    assert all(s["cached"] and s["tokens"] is None and s["tokens_per_s"] is None for s in cached.values())

@@ -349,3 +349,29 @@ def test_spec_expressions_are_parsed_not_evaluated():
     for text in ("__import__('os').system('true')", "(lambda: 1)()", "log_vocab.__class__", "[1][0]"):
         with pytest.raises(expr.ExprError):
             expr.evaluate(text, {"log_vocab": 2.0})
+
+
+# ------------------------------------------------------------------------------------ meter
+
+
+def test_meter_times_the_block_and_leaves_memory_empty_off_cuda():
+    from ablate import meter
+
+    with meter.measure("cpu") as use:
+        time.sleep(0.05)
+    assert 0.05 <= use.seconds < 5
+    assert use.as_dict() == {"seconds": use.seconds, "peak_gpu_allocated_gib": None, "peak_gpu_reserved_gib": None}
+    assert meter.rate(1000, 4.0) == 250 and meter.rate(0, 4.0) is None and meter.rate(None, 1.0) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_meter_peak_is_the_block_own_peak_on_cuda():
+    from ablate import meter
+
+    big = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # 256 MiB, freed before the block
+    del big
+    with meter.measure("cuda") as use:
+        x = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")  # 64 MiB held inside the block
+        del x
+    assert 64 * 2**20 <= use.peak_allocated < 256 * 2**20
+    assert use.peak_reserved >= use.peak_allocated

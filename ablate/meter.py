@@ -1,0 +1,57 @@
+"""Wall time and peak accelerator memory of one piece of work (a stage, a cell).
+
+Peak memory is read from the CUDA caching allocator after resetting its peak counters at entry,
+so it is the most this piece of work held at once (on top of what earlier stages left resident),
+not the process's all-time peak. Off CUDA the memory fields stay None.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+GIB = 2**30
+
+
+@dataclass
+class Usage:
+    seconds: float = 0.0
+    peak_allocated: int | None = None  # bytes held by tensors at the peak
+    peak_reserved: int | None = None  # bytes the allocator held from the driver at the peak
+
+    def as_dict(self) -> dict[str, float | None]:
+        """Seconds and peaks in GiB (None off CUDA), as recorded in results.json."""
+        gib = lambda b: None if b is None else b / GIB  # noqa: E731
+        return {"seconds": self.seconds, "peak_gpu_allocated_gib": gib(self.peak_allocated),
+                "peak_gpu_reserved_gib": gib(self.peak_reserved)}
+
+
+@contextmanager
+def measure(device: torch.device | str) -> Iterator[Usage]:
+    """Fill a Usage with the block's wall time and, on CUDA, its peak memory (set on exit)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    usage = Usage()
+    t0 = time.perf_counter()
+    try:
+        yield usage
+    finally:
+        if cuda:
+            torch.cuda.synchronize(device)
+            usage.peak_allocated = torch.cuda.max_memory_allocated(device)
+            usage.peak_reserved = torch.cuda.max_memory_reserved(device)
+        usage.seconds = time.perf_counter() - t0
+
+
+def rate(tokens: int | None, seconds: float | None) -> int | None:
+    """Whole tokens per second, or None when nothing was processed or no time passed."""
+    if not tokens or not seconds or seconds <= 0:
+        return None
+    return round(tokens / seconds)
