@@ -395,12 +395,13 @@ class Experiment:
             return cached["cells"], cached["pairs"], True
         batches, rows = self._probe_batches(corpus, r_oracle)
         views: dict[str, CellView] = {}
+        sidecars = {v: variants[v].sidecar.to(self.device) for v in {c.oracle for c in done}}  # one copy per variant
         for c in done:
             rec = records[c.name]
             student = cellmod.load_trained(self.spec, c, rec["dir"], r_bb.path, corpus.vocab_size,
                                            variants[c.oracle].table, self.device)
             views[c.name] = CellView(c.name, c.model_dump(mode="json"), student, rec["history"], rec["evals"], batches,
-                                     rows, variants[c.oracle].sidecar.to(self.device), self.device)
+                                     rows, sidecars[c.oracle], self.device)
         cell_metrics: dict[str, dict[str, float]] = {name: {} for name in views}
         pair_results = []
         probes = [self.registry.get("probe", n) for n in probe_names]
