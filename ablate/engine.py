@@ -429,10 +429,13 @@ class Experiment:
 
         spec = self.spec
         metrics = {name: dict(m) for name, m in cell_metrics.items()}
-        for pair in pairs:  # pair metrics are attributed to the real cell of the pair
-            metrics.setdefault(pair["real"], {}).update(pair["metrics"])
+        pairs = attribute_pairs(pairs, discriminated_pairs(spec))
+        for pair in pairs:  # the attributed pair's metrics are the real cell's
+            if pair["attributed"]:
+                metrics.setdefault(pair["real"], {}).update(pair["metrics"])
         names = {"log_vocab": math.log(corpus.vocab_size), "vocab_size": float(corpus.vocab_size),
-                 "rows": float(spec.oracle.rows), "log_rows": math.log(spec.oracle.rows)}
+                 "rows": float(spec.oracle.rows), "log_rows": math.log(spec.oracle.rows),
+                 "unigram_entropy": unigram_entropy(corpus.frequencies)}
         meanings = {}
         for probe in self.registry.components["probe"].values():
             meanings.update(probe.cls.metrics)
@@ -449,15 +452,12 @@ class Experiment:
             if own:
                 combination[cell.name] = verdict.combine(own, spec.combine.soft_at, spec.combine.broken_at, spec.combine.strong)
         discriminator = []
-        for d in spec.discriminator:
-            for real in cells_for(spec, d.real):
-                label = sweep_label(real.name)
-                shuf = next((c.name for c in cells_for(spec, d.shuffled) if sweep_label(c.name) == label), None)
-                if shuf is None or real.name not in combination or shuf not in combination:
-                    continue
-                rl, sl = combination[real.name]["label"], combination[shuf]["label"]
-                out = verdict.discriminate(rl == "broken", sl == "broken")
-                discriminator.append({"real": real.name, "shuffled": shuf, "real_label": rl, "shuffled_label": sl, **out})
+        for real, shuf in discriminated_pairs(spec):
+            if real not in combination or shuf not in combination:
+                continue
+            rl, sl = combination[real]["label"], combination[shuf]["label"]
+            out = verdict.discriminate(rl == "broken", sl == "broken")
+            discriminator.append({"real": real, "shuffled": shuf, "real_label": rl, "shuffled_label": sl, **out})
 
         cells_out = {}
         for cell in spec.cells:
@@ -466,6 +466,7 @@ class Experiment:
             cells_out[cell.name] = {
                 "config": {"router": cell.router, "oracle": cell.oracle,
                            "objective": {"name": cell.objective.name, **cell.objective.params()},
+                           "uses_sidecar": bool(self.registry.get("objective", cell.objective.name).needs_sidecar),
                            "base": base_name(cell.name), "sweep": sweep_label(cell.name)},
                 "objective_formula": outcome.get("objective_formula", ""),
                 "status": rec.get("status", "skipped"), "error": rec.get("error"), "cached": rec.get("cached", False),
@@ -490,7 +491,7 @@ class Experiment:
             "oracle": stages.json_safe(oracle.stats),
             "cells": cells_out, "pairs": pairs,
             "thresholds": thresholds, "combination": combination, "discriminator": discriminator,
-            "metric_meanings": meanings,
+            "metric_meanings": meanings, "bound_names": names,
             "provenance": provenance.collect(self.registry, self.device, spec.seed, self.command, t_start,
                                              {n: r.seconds for n, r in self.stage_results.items()}),
         }
@@ -499,6 +500,40 @@ class Experiment:
 
             results["expectations"] = check_expectations(spec.expect, results, names)
         return results
+
+
+def discriminated_pairs(spec: Spec) -> list[tuple[str, str]]:
+    """(real, shuffled) cell names of every [[discriminator]] entry, sweeps expanded and matched
+    by sweep label."""
+    out = []
+    for d in spec.discriminator:
+        for real in cells_for(spec, d.real):
+            label = sweep_label(real.name)
+            shuf = next((c.name for c in cells_for(spec, d.shuffled) if sweep_label(c.name) == label), None)
+            if shuf is not None:
+                out.append((real.name, shuf))
+    return out
+
+
+def attribute_pairs(pairs: list[dict], discriminated: list[tuple[str, str]]) -> list[dict]:
+    """Copies of `pairs` with `attributed` set: per real cell exactly one pair lends its metrics to
+    the real cell (and so to thresholds and expectations): the pair a discriminator names, else
+    the first (shuffled before Gaussian). The others stay readable under results["pairs"]."""
+    chosen: dict[str, str] = {}
+    for p in pairs:
+        chosen.setdefault(p["real"], p["shuffled"])
+    present = {(p["real"], p["shuffled"]) for p in pairs}
+    for real, control in discriminated:
+        if (real, control) in present:
+            chosen[real] = control
+    return [{**p, "attributed": chosen[p["real"]] == p["shuffled"]} for p in pairs]
+
+
+def unigram_entropy(frequencies: torch.Tensor) -> float:
+    """Entropy in nats of the corpus's unigram distribution (frequencies [V], counts)."""
+    p = frequencies.double() / frequencies.double().sum()
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
 
 
 def _check_paths(params, where: str) -> None:

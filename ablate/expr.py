@@ -13,7 +13,7 @@ FUNCTIONS = {"ln": math.log, "log": math.log, "sqrt": math.sqrt, "exp": math.exp
 BINARY = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
 
 # Names a threshold bound may use; values are filled in from the run (vocab, oracle rows).
-KNOWN_NAMES = ("log_vocab", "vocab_size", "rows", "log_rows")
+KNOWN_NAMES = ("log_vocab", "vocab_size", "rows", "log_rows", "unigram_entropy")
 
 
 class ExprError(ValueError):

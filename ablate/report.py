@@ -108,9 +108,11 @@ def final_val_loss(cell: dict) -> float | None:
 
 
 def cell_metrics(results: dict) -> dict[str, dict[str, float]]:
-    """Per-cell metrics, with each pair's metrics attributed to its real cell."""
+    """Per-cell metrics, with the attributed pair's metrics on its real cell."""
     out = {name: dict(c.get("metrics", {})) for name, c in results["cells"].items()}
     for pair in results.get("pairs", []):
+        if not pair.get("attributed", True):
+            continue
         real = out.setdefault(pair["real"], {})
         for k, v in pair["metrics"].items():
             real.setdefault(k, v)
@@ -263,8 +265,11 @@ CONTROL_TARGET = {  # what a control cell's objective reads from the sidecar, by
 
 
 def reads_sidecar(cell: dict) -> bool:
-    """Whether a cell's objective is trained against the sidecar: its training log carries the
-    divergence term `kl` (logged by every sidecar objective, never by plain CE)."""
+    """Whether a cell's objective is trained against the sidecar (results.json records it; older
+    results are read from the training log's `kl` column, which every built-in sidecar objective logs)."""
+    uses = cell.get("config", {}).get("uses_sidecar")
+    if uses is not None:
+        return bool(uses)
     return any(row.get("kl") is not None for row in cell.get("history", []))
 
 
@@ -297,8 +302,8 @@ def control_validity(r: dict, pair: dict, t: Text) -> str:
     objective = objective_text(cells.get(real, {}).get("config", {}).get("objective", {}))
     if reads_sidecar(cells.get(real, {})):
         target = CONTROL_TARGET.get(variant, "the control reads its own variant of the sidecar")
-        still = (f"the KL target: the objective {objective} is trained against the sidecar (its log has a `kl` "
-                 f"column) and {target}")
+        still = (f"the KL target: the objective {objective} is trained against the sidecar and "
+                 f"{target}")
         if len(noop) == len(layers):
             still += ". Every real-vs-control difference in this pair comes from that target (or training noise)"
         else:

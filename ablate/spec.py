@@ -442,6 +442,10 @@ def check_references(spec: Spec, registry) -> list[tuple[str, str]]:
         for key in list(spec.expect.combination) + list(spec.expect.discriminator):
             if key not in known:
                 problems.append((f"expect.{key}", f"no cell named {key!r}"))
+        for key in spec.expect.metrics:
+            metric, _, cell = key.partition("@")
+            if not metric or cell not in known:
+                problems.append((f"expect.metrics.{key}", "expected 'metric@cell' naming a metric and a cell of this spec"))
 
     if registry is not None:
         problems += _check_plugins(spec, registry)
@@ -492,9 +496,14 @@ def _check_plugins(spec: Spec, registry) -> list[tuple[str, str]]:
     produced = set()
     for probe_cls in registry.components["probe"].values():
         produced |= _expand_metric_names(probe_cls.cls.metrics, spec.model.inject_layers)
+    available = ", ".join(sorted(produced))
     for i, th in enumerate(spec.thresholds):
         if th.metric not in produced:
-            problems.append((f"thresholds[{i}].metric", f"no probe produces metric {th.metric!r}; available: {', '.join(sorted(produced))}"))
+            problems.append((f"thresholds[{i}].metric", f"no probe produces metric {th.metric!r}; available: {available}"))
+    for key in spec.expect.metrics if spec.expect is not None else {}:
+        metric = key.partition("@")[0]
+        if metric and metric not in produced:
+            problems.append((f"expect.metrics.{key}", f"no probe produces metric {metric!r}; available: {available}"))
     return problems
 
 

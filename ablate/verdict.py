@@ -39,7 +39,7 @@ def fmt(x: float | int, decimals: int | None = None, sign: bool = False) -> str:
         return str(x).lower()
     if isinstance(x, int):
         return f"{x:+d}" if sign else str(x)
-    x = float(x)
+    x = float(x) + 0.0  # -0.0 prints as 0
     if not math.isfinite(x):
         return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
     if decimals is None:

@@ -413,3 +413,11 @@ def test_stage_costs_count_the_work_done_and_nothing_for_a_cache_hit(baseline, t
     assert in_process(again, monkeypatch, "run", *ARGS, "--quiet") == 0
     cached = results_of(again)["stages"]
     assert all(s["cached"] and s["tokens"] is None and s["tokens_per_s"] is None for s in cached.values())
+
+
+def test_results_say_which_cells_read_the_sidecar(baseline):
+    _, results = baseline
+    uses = {n: c["config"]["uses_sidecar"] for n, c in results["cells"].items()}
+    objective = {n: c["config"]["objective"]["name"] for n, c in results["cells"].items()}
+    assert uses == {n: objective[n] != "ce" for n in CELLS}
+    assert all(p["attributed"] for p in results["pairs"])  # one control per real cell in the demo

@@ -111,6 +111,23 @@ def test_threshold_expression_names_checked():
     assert "thresholds[0].break_if" in locs and "thresholds[1].break_if" in locs
 
 
+def test_expected_metrics_name_a_produced_metric_and_a_cell():
+    raw = copy.deepcopy(RAW)
+    raw["expect"] = {"metrics": {"cross_run_cos@router_on_real": {"above": 0.5},
+                                 "cross_run_cos@router_on_reel": {"above": 0.5},
+                                 "cross_run_cosine@router_on_real": {"above": 0.5}}}
+    probs = dict(problems_of(raw))
+    assert set(probs) == {"expect.metrics.cross_run_cos@router_on_reel", "expect.metrics.cross_run_cosine@router_on_real"}
+    assert "naming a metric and a cell" in probs["expect.metrics.cross_run_cos@router_on_reel"]
+    assert "no probe produces metric 'cross_run_cosine'" in probs["expect.metrics.cross_run_cosine@router_on_real"]
+
+
+def test_unigram_entropy_is_a_bound_name():
+    raw = copy.deepcopy(RAW)
+    raw["thresholds"][0]["break_if"] = {"below": "unigram_entropy - 0.1"}
+    spec_from_dict(raw, registry=REGISTRY)
+
+
 # --------------------------------------------------------------------------------- fuzzing
 
 PATHS = [("train", "steps"), ("train", "lr"), ("oracle", "rows"), ("corpus", "vocab_size"), ("model", "top_k"),

@@ -142,7 +142,7 @@ def test_distinguishing_digits_never_print_two_floats_equal(a, b):
 @given(st.lists(finite, min_size=2, max_size=8))
 def test_common_decimals_separates_every_pair(values):
     d = common_decimals(values)
-    printed = {f"{v:.{d}f}" for v in values}
+    printed = {fmt(v, d) for v in values}
     assert len(printed) == len(set(values))
 
 
