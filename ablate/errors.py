@@ -23,6 +23,13 @@ class InputError(AblateError):
     """A missing or incompatible input (file, weights, vocabulary, corrupt artifact)."""
 
 
+class DivergedError(AblateError):
+    """A stage's own training (backbone or teacher pretraining) produced a non-finite loss. Exit 1:
+    the input was valid, the run failed; earlier stages stay cached."""
+
+    exit_code = 1
+
+
 class NumericalFault(Exception):
     """A NaN/inf loss or gradient inside a cell: that cell stops, others still run."""
 

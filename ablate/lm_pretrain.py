@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ablate.components import Progress, no_progress
+from ablate.errors import DivergedError
+
+CHECK_EVERY = 25  # steps between non-finite-loss checks (each one syncs the device)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -82,12 +85,15 @@ def pretrain_lm(forward: Forward, parameters: Iterable[torch.nn.Parameter], trai
                 seed: int, device: torch.device, progress: Progress = no_progress,
                 schedule: Literal["cosine", "wsd"] = "cosine", min_lr_ratio: float = 0.1,
                 weight_decay: float = 0.1, clip: float = 1.0, val_tokens: int = 65_536,
-                modules: Iterable[torch.nn.Module] = ()) -> dict[str, float]:
+                modules: Iterable[torch.nn.Module] = (), name: str = "pretraining",
+                lr_key: str = "lr") -> dict[str, float]:
     """Train in place for `steps` steps; returns {"val_loss", "train_loss", "train_tokens", "steps"}.
 
     train [N] / val [M] int64 streams (N > seq_len, M ≥ 2). `modules` are switched to train mode
     for the loop and back to eval mode at the end. train_loss = mean loss of the last
-    max(1, steps // 10) steps.
+    max(1, steps // 10) steps. A non-finite loss raises DivergedError naming `name`, the step and
+    the spec key `lr_key` to lower (checked every CHECK_EVERY steps, so the GPU is not synced
+    on every step).
     """
     if steps < 1 or train.numel() <= seq_len:
         raise ValueError(f"train stream has {train.numel()} tokens; need more than seq_len={seq_len}, "
@@ -103,6 +109,15 @@ def pretrain_lm(forward: Forward, parameters: Iterable[torch.nn.Parameter], trai
         m.train()
     tail = max(1, steps // 10)
     recent: list[float] = []
+    first_bad = torch.full((), steps, device=device)  # step of the first non-finite loss; steps = none yet
+
+    def check() -> None:
+        bad = int(first_bad)
+        if bad < steps:
+            raise DivergedError(f"{name}: the training loss became non-finite (NaN or inf) at step {bad} of "
+                                f"{steps}, learning rate {lr}. Nothing of this stage was saved; the stages before it "
+                                f"stay cached. Lower `{lr_key}` (or lengthen the warm-up) in the spec and run again.")
+
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_multiplier(step, steps, warmup, schedule, min_lr_ratio)
@@ -113,6 +128,9 @@ def pretrain_lm(forward: Forward, parameters: Iterable[torch.nn.Parameter], trai
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
+        first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(loss.detach()), steps, step))
+        if step % CHECK_EVERY == CHECK_EVERY - 1 or step == steps - 1:
+            check()
         if step >= steps - tail:
             recent.append(loss.item())
         progress(batch * seq_len)

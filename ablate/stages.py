@@ -267,7 +267,8 @@ def backbone_stage(cache: Path, spec, corpus_stage_: StageResult, corpus: TokenC
             stats = pretrain_lm(lambda x: model.logits(model(x)), model.parameters(), corpus.train, corpus.val,
                                 steps=bb.pretrain.steps, batch=bb.pretrain.batch, seq_len=bb.pretrain.seq_len,
                                 lr=bb.pretrain.lr, warmup=bb.pretrain.warmup, seed=bb.pretrain.seed,
-                                device=device, progress=progress)
+                                device=device, progress=progress, name="backbone pretraining",
+                                lr_key="backbone.pretrain.lr")
         save_backbone(model.cpu(), tmp / "backbone.safetensors")
         store.write_json(tmp / "info.json", {**stats, "ln_vocab": math.log(corpus.vocab_size)})
 

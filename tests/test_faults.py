@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ablate import cli, store
+from ablate import store
+from cli_run import ablate_in
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "specs" / "demo.toml"
@@ -86,17 +87,6 @@ FAULTS = ["--set", 'cells.0.objective={ name = "nan_loss", at = 7 }',
           "--set", 'cells.1.objective={ name = "nan_grad", at = 3 }']
 
 
-def ablate_here(cwd: Path, monkeypatch, *args: str) -> int:
-    """`ablate ARGS` in this process, in `cwd`, with one torch thread."""
-    monkeypatch.chdir(cwd)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return cli.main(list(args))
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def faulty_run(tmp_path_factory):
     """One run whose first cell's loss turns NaN at step 7 and second cell's gradient at step 3:
@@ -107,7 +97,7 @@ def faulty_run(tmp_path_factory):
     plugin = ["--plugin", str(cwd / "faulty.py")]
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-        code = ablate_here(cwd, mp, "run", *SPEC_ARGS, *FAULTS, *plugin, "--device", "cpu", "--quiet")
+        code = ablate_in(cwd, mp, "run", *SPEC_ARGS, *FAULTS, *plugin, "--device", "cpu", "--quiet")
     return cwd, code, printed.getvalue(), plugin
 
 
@@ -147,7 +137,7 @@ def test_rerun_resumes_a_failed_cell_from_its_last_good_checkpoint(faulty_run, t
     cwd = tmp_path / "rerun"
     shutil.copytree(src, cwd)
     plugin = ["--plugin", str(cwd / "faulty.py")]
-    code = ablate_here(cwd, monkeypatch, "run", *SPEC_ARGS, *FAULTS, *plugin, "--device", "cpu")
+    code = ablate_in(cwd, monkeypatch, "run", *SPEC_ARGS, *FAULTS, *plugin, "--device", "cpu")
     printed = capsys.readouterr()
     assert code == 1
     assert "resuming from step 5" in printed.err
@@ -171,7 +161,7 @@ def test_oracle_sidecar_with_other_rows_than_its_table_is_a_clear_error(faulty_r
     (name, tensor), = sidecar.items()
     save_file({name: torch.cat([tensor, tensor[:1]])}, oracle / "sidecar.safetensors")
     store.mark_done(oracle, store.marker_inputs(oracle))
-    code = ablate_here(cwd, monkeypatch, "run", *SPEC_ARGS, "--device", "cpu", "--quiet")
+    code = ablate_in(cwd, monkeypatch, "run", *SPEC_ARGS, "--device", "cpu", "--quiet")
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "sidecar" in err and "rows" in err and str(oracle.name) in err.replace("\n", "")
@@ -189,7 +179,7 @@ def test_second_writer_is_refused_naming_the_other_process(tmp_path, monkeypatch
     try:
         assert holder.stdout.readline().strip() == "locked"
         shutil.copy(DEMO, tmp_path / "demo.toml")
-        code = ablate_here(tmp_path, monkeypatch, "run", *SPEC_ARGS, "--device", "cpu", "--quiet")
+        code = ablate_in(tmp_path, monkeypatch, "run", *SPEC_ARGS, "--device", "cpu", "--quiet")
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err
         assert f"pid {holder.pid}" in err and "in use by another" in err.replace("\n", " ")
@@ -199,3 +189,39 @@ def test_second_writer_is_refused_naming_the_other_process(tmp_path, monkeypatch
         holder.wait()
     with store.RunLock(run_dir):
         pass
+
+
+# ------------------------------------------------------------------ diverging stage training
+
+
+def test_pretraining_reports_the_first_non_finite_step():
+    from ablate.errors import DivergedError
+    from ablate.lm_pretrain import pretrain_lm
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(16, 16)
+    calls = []
+
+    def forward(x):  # finite until the 38th call, NaN from then on
+        calls.append(1)
+        return emb(x) * (float("nan") if len(calls) >= 38 else 1.0)
+
+    stream = torch.randint(0, 16, (400,))
+    with pytest.raises(DivergedError, match=r"^toy pretraining: .* at step 37 of 60, .*`toy.lr`") as info:
+        pretrain_lm(forward, emb.parameters(), stream, stream, steps=60, batch=2, seq_len=8, lr=1e-3, warmup=0,
+                    seed=0, device=torch.device("cpu"), name="toy pretraining", lr_key="toy.lr")
+    assert len(calls) == 50  # stopped at the next check (every 25 steps), not at the end
+    assert info.value.exit_code == 1
+
+
+def test_diverging_backbone_pretraining_exits_1_and_keeps_the_corpus(tmp_path, monkeypatch, capsys):
+    shutil.copy(DEMO, tmp_path / "demo.toml")
+    code = ablate_in(tmp_path, monkeypatch, "run", *SPEC_ARGS, "--set", "backbone.pretrain.lr=1e30",
+                     "--device", "cpu", "--quiet")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "backbone pretraining: the training loss became non-finite" in err and "`backbone.pretrain.lr`" in err
+    assert "Traceback" not in err
+    cache = tmp_path / ".ablate-cache"
+    assert [p.name.split("-")[0] for p in cache.iterdir() if not p.name.startswith(".")] == ["corpus"]
+    assert (next(cache.glob("corpus-*")) / "DONE").is_file()

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ablate import cli, store
+from ablate import store
+from cli_run import ablate_in
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "specs" / "demo.toml"
@@ -116,17 +117,6 @@ def plan_of(cwd: Path, *overrides: str) -> dict[str, str]:
     spec = load_spec(cwd / "demo.toml", ["train.steps=10", "train.checkpoint_every=5", *overrides], "tiny", registry)
     rows = Experiment(spec, registry, resolve_device("cpu"), QuietUI(), root=cwd).plan()
     return {row["name"].removeprefix("cell "): row["status"] for row in rows}
-
-
-def in_process(cwd: Path, monkeypatch, *args: str) -> int:
-    """`ablate ARGS` in this process (one torch thread, like the subprocess runs)."""
-    monkeypatch.chdir(cwd)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return cli.main(list(args))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +270,7 @@ def test_stop_inside_evaluation_resumes_to_equal_results(baseline, tmp_path, mon
     state = store.load_tree(_cell_file("router_off_real", "state.safetensors")(cwd))
     # stopped inside the evaluation after the last (10th) update: nothing of it recorded
     assert state["step"] == 10 and state["evals"] == [] and not state["complete"]
-    assert in_process(cwd, monkeypatch, "run", *ARGS, "--quiet") == 0
+    assert ablate_in(cwd, monkeypatch, "run", *ARGS, "--quiet") == 0
     assert comparable(results_of(cwd)) == comparable(base)
 
 
@@ -337,7 +327,7 @@ def test_truncated_artifacts_recompute_only_what_depends_on_them(case, baseline,
         elif name in STAGES or name in CELLS:
             assert status.startswith("cached"), (name, status)
 
-    assert in_process(cwd, monkeypatch, "run", *ARGS) == 0  # not --quiet: the warnings are shown
+    assert ablate_in(cwd, monkeypatch, "run", *ARGS) == 0  # not --quiet: the warnings are shown
     results = results_of(cwd)
     assert recomputed(results) == expected
     assert comparable(results) == comparable(base)
@@ -350,7 +340,7 @@ def test_plan_lists_keys_and_cache_state_and_fresh_recomputes(baseline, tmp_path
     base_dir, base = baseline
     cwd = tmp_path / "run"
     shutil.copytree(base_dir, cwd)
-    assert in_process(cwd, monkeypatch, "plan", *SPEC_ARGS) == 0
+    assert ablate_in(cwd, monkeypatch, "plan", *SPEC_ARGS) == 0
     printed = capsys.readouterr().out
     assert all(st["key"] in printed for st in base["stages"].values() if st["key"])
     assert set(plan_of(cwd).values()) == {"cached", "always rewritten (cheap)"}
@@ -370,13 +360,13 @@ def test_plan_lists_keys_and_cache_state_and_fresh_recomputes(baseline, tmp_path
     digests = {s: store.content_digest(_entry(cwd, s)) for s in STAGES}
     other = cwd / ".ablate-cache" / "oracle-0123456789abcdef"
     shutil.copytree(_entry(cwd, "oracle"), other)
-    assert in_process(cwd, monkeypatch, "run", *ARGS, "--quiet", "--fresh", "--set", "train.steps=5") == 0
+    assert ablate_in(cwd, monkeypatch, "run", *ARGS, "--quiet", "--fresh", "--set", "train.steps=5") == 0
     assert recomputed(results_of(cwd)) == set(STAGES) | set(CELLS) | {"probes"}
     assert other.is_dir(), "--fresh removed another spec's cache entry"
     assert {s: store.content_digest(_entry(cwd, s, base["stages"][s]["key"])) for s in STAGES} == digests
 
     # clean: the unreferenced entry goes, everything this run uses stays
-    assert in_process(cwd, monkeypatch, "clean") == 0
+    assert ablate_in(cwd, monkeypatch, "clean") == 0
     assert not other.exists()
     assert all(_entry(cwd, s).is_dir() for s in STAGES)
 
@@ -410,7 +400,7 @@ def test_stage_costs_count_the_work_done_and_nothing_for_a_cache_hit(baseline, t
     again = workdir(tmp_path / "again")
     shutil.copytree(cwd / ".ablate-cache", again / ".ablate-cache")
     shutil.copytree(cwd / "runs", again / "runs")
-    assert in_process(again, monkeypatch, "run", *ARGS, "--quiet") == 0
+    assert ablate_in(again, monkeypatch, "run", *ARGS, "--quiet") == 0
     cached = results_of(again)["stages"]
     assert all(s["cached"] and s["tokens"] is None and s["tokens_per_s"] is None for s in cached.values())
 

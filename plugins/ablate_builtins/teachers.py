@@ -292,7 +292,8 @@ class LlamaLocalTeacher(Teacher):
         result = pretrain_lm(lambda t: model(input_ids=t, use_cache=False).logits, model.parameters(),
                              ctx.corpus.train, ctx.corpus.val, steps=p.steps, batch=p.batch, seq_len=p.seq_len,
                              lr=p.lr, warmup=p.warmup, seed=seed, device=ctx.device, progress=ctx.progress,
-                             schedule=p.schedule, modules=[model])
+                             schedule=p.schedule, modules=[model], name=f"teacher ({self.name}) pretraining",
+                             lr_key="teacher.lr")
         out_dir = ctx.workdir / "hf"
         model.save_pretrained(out_dir)
         if ctx.corpus.tokenizer_path is not None:
@@ -439,7 +440,8 @@ class SameArchTeacher(Teacher):
         result = pretrain_lm(lambda t: backbone.logits(backbone(t)), backbone.parameters(), ctx.corpus.train,
                              ctx.corpus.val, steps=p.steps, batch=p.batch, seq_len=p.seq_len, lr=p.lr,
                              warmup=p.warmup, seed=seed, device=ctx.device, progress=ctx.progress,
-                             schedule=p.schedule, modules=[backbone])
+                             schedule=p.schedule, modules=[backbone], name=f"teacher ({self.name}) pretraining",
+                             lr_key="teacher.lr")
         save_backbone(backbone, self._weights(ctx))
         n_params = sum(t.numel() for t in backbone.parameters())
         return {**result, "ln_vocab": float(torch.tensor(float(ctx.corpus.vocab_size)).log()),
