@@ -67,7 +67,17 @@ def train_config(spec, cell, device):
                        eval_batches=t.eval_batches, log_every=t.log_every, precision=t.precision,
                        vcontrast_weight=t.vcontrast_weight, qdiv_weight=t.qdiv_weight, aux_warmup=t.aux_warmup,
                        data_seed=t.data_seed, val_seed=t.val_seed, kl_seed=spec.oracle.seeds[0],
-                       n_rows=spec.oracle.rows, checkpoint_every=t.checkpoint_every, name=cell.name)
+                       n_rows=spec.oracle.rows, checkpoint_every=t.checkpoint_every,
+                       compile=compile_cells(spec), name=cell.name)
+
+
+COMPILE_MIN_STEPS = 3000  # H100: compiling costs ~135 s cold and saves ~35 ms per step (docs/performance.md)
+
+
+def compile_cells(spec) -> bool:
+    """train.compile resolved: "auto" compiles when all cells together train ≥ COMPILE_MIN_STEPS steps."""
+    mode = spec.train.compile
+    return mode == "on" or (mode == "auto" and spec.train.steps * len(spec.cells) >= COMPILE_MIN_STEPS)
 
 
 def build_student(spec, cell, backbone_path: Path, vocab_size: int, table: torch.Tensor, device):
@@ -84,7 +94,7 @@ def build_student(spec, cell, backbone_path: Path, vocab_size: int, table: torch
 
 
 # Train settings that change when state is saved, never what is computed: left out of the key.
-_KEY_EXEMPT_TRAIN = {"checkpoint_every"}
+_KEY_EXEMPT_TRAIN = {"checkpoint_every", "compile"}  # compile: same math, bf16-rounding-level differences
 STATE_FILE = "state.safetensors"
 
 
@@ -162,7 +172,8 @@ def write_outputs(cell_dir: Path, student, outcome, meta: dict[str, Any]) -> Non
     store.write_atomic(cell_dir / "metrics.csv", history_csv(outcome.history))
     store.write_json(cell_dir / "evals.json", outcome.evals)
     store.write_json(cell_dir / "outcome.json", {"final_val_loss": outcome.final_val_loss, "steps": outcome.steps_done,
-                                                 "seconds": outcome.seconds, "tokens_per_s": outcome.tokens_per_s, "tokens": outcome.tokens, **meta})
+                                                 "seconds": outcome.seconds, "tokens_per_s": outcome.tokens_per_s, "tokens": outcome.tokens,
+                                                 "compiled": outcome.compiled, **meta})
     store.mark_done(cell_dir, exclude=(STATE_FILE,))
     (cell_dir / STATE_FILE).unlink(missing_ok=True)
 

@@ -476,7 +476,7 @@ class Experiment:
                 "evals": rec.get("evals", []),
                 "history": _thin(rec.get("history", []), 200),
                 "seconds": outcome.get("seconds"), "tokens_per_s": outcome.get("tokens_per_s"),
-                "peak_gpu_allocated_gib": outcome.get("peak_gpu_allocated_gib"),
+                "peak_gpu_allocated_gib": outcome.get("peak_gpu_allocated_gib"), "compiled": outcome.get("compiled"),
             }
         results = {
             "schema_version": RESULTS_SCHEMA_VERSION,

@@ -429,9 +429,11 @@ def _costs(r: dict, t: Text) -> list[str]:
              table(header, [row(name, s) for name, s in stages.items()])]
     cells = {n: c for n, c in (r.get("cells") or {}).items() if c.get("seconds") is not None}
     if cells:
-        cell_header = ["cell", "cached", "seconds", "training tokens/s"] + (["peak GPU allocated (GiB)"] if gpu else [])
+        cell_header = ["cell", "cached", "seconds", "training tokens/s"]
+        cell_header += ["compiled", "peak GPU allocated (GiB)"] if gpu else []
         rows = [[n, t.cell(c.get("cached")), t.cell(c.get("seconds")), t.cell(c.get("tokens_per_s"))]
-                + ([t.cell(c.get("peak_gpu_allocated_gib"))] if gpu else []) for n, c in cells.items()]
+                + ([t.cell(c.get("compiled")), t.cell(c.get("peak_gpu_allocated_gib"))] if gpu else [])
+                for n, c in cells.items()]
         lines += ["", "Cells (seconds include evaluation and checkpoints; tokens/s excludes them):", "",
                   table(cell_header, rows)]
     return lines

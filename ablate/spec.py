@@ -139,6 +139,9 @@ class TrainSpec(Strict):
     data_seed: int = 42
     val_seed: int = 43
     checkpoint_every: int = Field(100, ge=0)  # steps between resumable checkpoints; 0 = only at the end
+    # torch.compile of the cells' hot paths on CUDA: "auto" compiles when the run's cells train at
+    # least COMPILE_MIN_STEPS steps together (compiling costs minutes once; docs/performance.md)
+    compile: Literal["auto", "on", "off"] = "auto"
 
 
 class ProbeSpec(Strict):

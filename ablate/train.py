@@ -72,6 +72,7 @@ class TrainConfig:
     kl_seed: int = 42  # hash seed of the canonical sidecar row (§2.2)
     n_rows: int = 0  # sidecar / oracle rows; set by the caller when a sidecar is used
     checkpoint_every: int = 0  # 0 = save state only at the end
+    compile: bool = True  # compile the hot paths where fastpath.enabled_for the device
     name: str = "cell"
 
     def __post_init__(self) -> None:
@@ -102,6 +103,7 @@ class TrainOutcome:
     seconds: float  # wall time of this call
     tokens_per_s: float  # training tokens of this call / training time (evaluation excluded)
     tokens: int  # training tokens of this call (steps run × batch × seq_len)
+    compiled: bool  # whether the hot paths ran through torch.compile
     precision: str  # the precision actually used ("bf16" only with CUDA)
     notes: list[str] = field(default_factory=list)
 
@@ -269,7 +271,7 @@ class CellRun:
         self.device = torch.device(device)
         self.router = getattr(student, "engram_skip_router", None)
         self._check_inputs()
-        self.compiled = fastpath.enabled_for(self.device) and hasattr(student, "compile_hot_paths")
+        self.compiled = cfg.compile and fastpath.enabled_for(self.device) and hasattr(student, "compile_hot_paths")
         if self.compiled:
             student.compile_hot_paths()
         self.autocast, self.precision = autocast_for(self.device, cfg.precision)
@@ -379,7 +381,8 @@ class CellRun:
         cfg = self.cfg
         want_rows = self.objective.needs_sidecar or (
             log_step and self.sidecar is not None and self.router is not None)
-        rows = compiled_canonical_rows(inputs, cfg.n_rows, cfg.kl_seed) if want_rows else None
+        hash_rows = compiled_canonical_rows if self.compiled else canonical_rows
+        rows = hash_rows(inputs, cfg.n_rows, cfg.kl_seed) if want_rows else None
         with self.autocast():
             out = self.student(inputs, aux=True)
             result = self.objective(ObjectiveBatch(
@@ -500,7 +503,7 @@ def train_cell(student: torch.nn.Module, objective: Objective, train_stream: tor
             history=run.history, evals=run.evals, final_val_loss=final, steps_done=run.step,
             stopped_early=stopped, seconds=time.perf_counter() - t0,
             tokens_per_s=run.steps_run * cfg.batch * cfg.seq_len / max(run.train_s, 1e-9),
-            tokens=run.steps_run * cfg.batch * cfg.seq_len, precision=run.precision, notes=run.notes)
+            tokens=run.steps_run * cfg.batch * cfg.seq_len, compiled=run.compiled, precision=run.precision, notes=run.notes)
 
     def save() -> None:
         if save_state is not None:

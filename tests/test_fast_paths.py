@@ -249,11 +249,11 @@ def test_compiled_hashing_equals_eager(compile_on_cpu):
     assert torch.equal(compiled_canonical_rows(tokens, 10_007, 42), canonical_rows(tokens, 10_007, 42))
 
 
-def cell_run(student, steps: int = 3) -> CellRun:
+def cell_run(student, steps: int = 3, compile: bool = True) -> CellRun:
     g = torch.Generator().manual_seed(5)
     train, val = torch.randint(0, V, (2000,), generator=g), torch.randint(0, V, (500,), generator=g)
     cfg = TrainConfig(steps=steps, batch=2, seq_len=16, warmup=1, aux_warmup=1, log_every=1,
-                      precision="fp32", n_rows=N_ROWS, lr=1e-2)
+                      precision="fp32", n_rows=N_ROWS, lr=1e-2, compile=compile)
     objective = KLCE(KLCE.Params.model_validate({"lambda": 0.5}),
                      ObjectiveContext(V, torch.ones(V, dtype=torch.float64)))
     return CellRun(student, objective, train, val, 2 * torch.randn(N_ROWS, V, generator=g), cfg, "cpu")
@@ -276,6 +276,37 @@ def test_compiled_training_steps_equal_eager(monkeypatch):
     for a, b in zip(eager_rows, compiled_rows):
         for key in ("loss", "ce", "kl", "grad_norm", "alpha", "router_entropy", "vcontrast_L3", "qdiv_L1"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_compile_off_keeps_the_cell_eager_where_compilation_is_enabled(monkeypatch):
+    monkeypatch.setattr(fastpath, "enabled_for", lambda device: True)
+    student = small_student()
+    run = cell_run(student, compile=False)
+    assert not run.compiled and not getattr(student, "_compiled", False)
+
+
+def test_auto_compiles_only_runs_long_enough_to_repay_it():
+    import tomllib
+    from pathlib import Path
+
+    from ablate.cells import COMPILE_MIN_STEPS, cell_key, compile_cells
+    from ablate.plugins import load_registry
+    from ablate.spec import spec_from_dict
+
+    registry = load_registry()
+    raw = tomllib.loads((Path(__file__).resolve().parents[1] / "specs" / "demo.toml").read_text())
+    n_cells = len(raw["cells"])
+
+    def spec(steps, mode):
+        return spec_from_dict(raw, overrides=[f"train.steps={steps}", f"train.compile={mode}"], registry=registry)
+
+    just_enough = -(-COMPILE_MIN_STEPS // n_cells)
+    assert compile_cells(spec(just_enough, "auto")) and not compile_cells(spec(just_enough - 1, "auto"))
+    assert compile_cells(spec(1, "on")) and not compile_cells(spec(10**6, "off"))
+    # the same math either way: the choice does not change a cell's key (its cache and resume state)
+    keys = {mode: cell_key(spec(50, mode), spec(50, mode).cells[2], {"backbone": "b", "oracle": "o"},
+                           registry.get("objective", "kl_ce")) for mode in ("on", "off", "auto")}
+    assert len(set(keys.values())) == 1
 
 
 # ------------------------------------------------------------------------- host syncs
