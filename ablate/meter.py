@@ -1,8 +1,10 @@
 """Wall time and peak accelerator memory of one piece of work (a stage, a cell).
 
-Peak memory is read from the CUDA caching allocator after resetting its peak counters at entry,
-so it is the most this piece of work held at once (on top of what earlier stages left resident),
-not the process's all-time peak. Off CUDA the memory fields stay None.
+Peak memory is read from the CUDA caching allocator after emptying its cache of unused blocks and
+resetting its peak counters at entry, so it is the most this piece of work held at once (on top of
+what earlier stages left resident), not the process's all-time peak; without emptying, the
+reserved peak could not fall below what an earlier stage had cached. Off CUDA the memory fields
+stay None.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def measure(device: torch.device | str) -> Iterator[Usage]:
     cuda = device.type == "cuda" and torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     usage = Usage()
     t0 = time.perf_counter()

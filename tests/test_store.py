@@ -374,4 +374,4 @@ def test_meter_peak_is_the_block_own_peak_on_cuda():
         x = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")  # 64 MiB held inside the block
         del x
     assert 64 * 2**20 <= use.peak_allocated < 256 * 2**20
-    assert use.peak_reserved >= use.peak_allocated
+    assert use.peak_allocated <= use.peak_reserved < 256 * 2**20  # the 256 MiB block's cache was emptied
