@@ -110,6 +110,7 @@ class Experiment:
     def __post_init__(self):
         self.paths = RunPaths.of(self.spec, self.root)
         self.stage_results: dict[str, stages.StageResult] = {}
+        self.compile_cache: dict[str, int] = {}  # bytes of compiler artifacts loaded / saved (CUDA)
 
     # ----------------------------------------------------------------------- preflight
 
@@ -230,7 +231,8 @@ class Experiment:
         all_cached = all(r.get("cached") for r in cell_records.values())
         trained = sum(r["outcome"].get("tokens") or 0 for r in cell_records.values()
                       if r.get("status") == "done" and not r.get("cached"))
-        self._record(stages.StageResult("cells", "", self.paths.run_dir / "cells", all_cached, use.seconds), use, trained)
+        self._record(stages.StageResult("cells", "", self.paths.run_dir / "cells", all_cached, use.seconds,
+                                        {"compile_cache": dict(self.compile_cache)}), use, trained)
         with meter.measure(device) as use:
             probe_metrics, pairs, probes_cached = self._run_probes(corpus, r_bb, r_oracle, variants, cell_records)
         self._record(stages.StageResult("probes", "", self.paths.run_dir, probes_cached, use.seconds), use, None)
@@ -271,6 +273,22 @@ class Experiment:
         return cellmod.cell_key(self.spec, cell, inputs, self.registry.get("objective", cell.objective.name))
 
     def _run_cells(self, corpus, r_bb, r_oracle, variants) -> dict[str, dict]:
+        """Train (or reuse) every cell; with compilation on, around the compile cache."""
+        from ablate import compile_cache, fastpath
+
+        if not (cellmod.compile_cells(self.spec) and fastpath.enabled_for(self.device)):
+            return self._run_cells_in_order(corpus, r_bb, r_oracle, variants)
+        where = compile_cache.artifact_dir(self.paths.cache, self.device)
+        self.compile_cache["loaded_bytes"], known = compile_cache.load(where, self.ui.warn)
+        try:
+            return self._run_cells_in_order(corpus, r_bb, r_oracle, variants)
+        finally:  # also when stopped: what was compiled is kept
+            try:
+                self.compile_cache["saved_bytes"] = compile_cache.save(where, known)
+            except Exception as exc:  # a cache: failing to write it must not fail the run
+                self.ui.warn(f"could not save the compile cache to {where} ({type(exc).__name__}: {exc})")
+
+    def _run_cells_in_order(self, corpus, r_bb, r_oracle, variants) -> dict[str, dict]:
         records: dict[str, dict] = {}
         keys = {"backbone": r_bb.key, "oracle": r_oracle.key}
         for cell in self.spec.cells:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ablate import store
+from ablate import compile_cache, store
 from ablate.errors import AblateError
 
 
@@ -92,7 +92,7 @@ def clean_command(args, console) -> int:
     keep = referenced_keys(Path(args.runs_dir))
     removed = 0
     for path in sorted(cache.iterdir()):
-        if not path.is_dir() or path.name == store.STAGE_LOCKS:
+        if not path.is_dir() or path.name in (store.STAGE_LOCKS, compile_cache.DIR_NAME):
             continue
         half_written = path.name.startswith(".") and path.name.endswith(store.TEMP_SUFFIX)
         entry = path.name[1:].split(".", 1)[0] if half_written else path.name
