@@ -9,7 +9,10 @@ Per step s (0-based; s optimiser updates are done before it):
     backward; clip the global grad norm; Muon + Adam step.
 
 Validation (§5.4) runs before step s when s > 0 and s % eval_every == 0 (reported as step s,
-i.e. after s updates) and once after the last step (reported as step = steps).
+i.e. after s updates) and once after the last step (reported as step = steps). Before the first
+update it also runs once as step 0 (the untrained student: gates closed, router zero), with the
+validation sampler rewound afterwards, so the later evaluations see the windows they would
+without it.
 
 Logged row (a dict keyed by column name; values as used in that step's forward, before its
 update): step, loss (total objective incl. aux), every objective term (ce, kl, …),
@@ -539,6 +542,11 @@ def train_cell(student: torch.nn.Module, objective: Objective, train_stream: tor
         return outcome(stopped=False)
     student.train()
     run.mark, run.last_logged = time.perf_counter(), run.step - 1
+    if run.step == 0 and not run.evals:
+        fresh_windows = run.val_sampler.state_dict()
+        if not run_eval(0):
+            return stop()
+        run.val_sampler.load_state_dict(fresh_windows)
     for s in range(run.step, cfg.steps):
         if should_stop():
             return stop()

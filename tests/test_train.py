@@ -275,13 +275,13 @@ def test_lr_aux_lambdas_and_logging_cadence_follow_the_formulas():
                     + row["vcontrast_lambda"] * (row["vcontrast_L1"] + row["vcontrast_L2"])
                     + row["qdiv_lambda"] * (row["qdiv_L1"] + row["qdiv_L2"]))
         assert row["loss"] == pytest.approx(expected, rel=1e-5)
-    assert [e["step"] for e in out.evals] == [5, 10, 15, 20, 23]
+    assert [e["step"] for e in out.evals] == [0, 5, 10, 15, 20, 23]
     assert out.final_val_loss == out.evals[-1]["val_loss"]
 
 
 def test_final_eval_runs_once_when_steps_is_an_eval_multiple():
     _, out = _run_straight(config(steps=8, eval_every=4))
-    assert [e["step"] for e in out.evals] == [4, 8]
+    assert [e["step"] for e in out.evals] == [0, 4, 8]
 
 
 def test_step_zero_uses_lr_zero_so_the_weights_do_not_move():
@@ -502,7 +502,7 @@ def test_real_student_trains_with_the_kl_objective_and_resumes_exactly():
     frozen = {n: p.detach().clone() for n, p in student.named_parameters() if not p.requires_grad}
     start = trainable(student)
     out = train_cell(student, kl_objective(), train, val, sidecar(), cfg, "cpu")
-    assert math.isfinite(out.final_val_loss) and [e["step"] for e in out.evals] == [3, 6, 8]
+    assert math.isfinite(out.final_val_loss) and [e["step"] for e in out.evals] == [0, 3, 6, 8]
     row = out.history[-1]
     assert {"ce", "kl", "gate_L1", "gate_L2", "vcontrast_L2", "qdiv_L1", "alpha",
             "w_align_norm", "router_entropy", "teacher_match_cos"} <= set(row)
@@ -514,10 +514,36 @@ def test_real_student_trains_with_the_kl_objective_and_resumes_exactly():
     saved: list[dict] = []
     half = _real_student()
     train_cell(half, kl_objective(), train, val, sidecar(), cfg, "cpu",
-               should_stop=stop_on_call(6), save_state=saved.append)
+               should_stop=stop_on_call(7), save_state=saved.append)
     resumed = _real_student()
     b_out = train_cell(resumed, kl_objective(), train, val, sidecar(), cfg, "cpu",
                        resume_state=through_disk(saved[0]))
     assert saved[0]["step"] == 4
     assert all(torch.equal(after[n], p) for n, p in trainable(resumed).items())
     assert b_out.final_val_loss == out.final_val_loss
+
+
+def test_step_zero_evaluation_is_the_untrained_backbone_and_later_windows_are_unchanged():
+    """Step 0 = the frozen backbone's CE (gates closed, router zero) on the first validation draw;
+    the sampler is rewound after it, so the final evaluation (step 4, the second evaluation of
+    the reference's protocol) reads the second draw of a fresh sampler."""
+    cfg = config(steps=4, eval_every=2, eval_batches=2, seq_len=12)
+    train, val = streams()
+    student = _real_student()
+
+    def ce64(logits_of, draws):
+        losses = [F.cross_entropy(logits_of(x).double().flatten(0, 1), y.flatten()) for x, y in draws]
+        return float(sum(losses) / len(losses))
+
+    sampler = WindowSampler(val, cfg.batch, cfg.seq_len, cfg.val_seed, "cpu")
+    first, second = [sampler() for _ in range(2)], [sampler() for _ in range(2)]
+    backbone = student.backbone
+    with torch.no_grad():
+        untrained = ce64(lambda x: backbone.logits(backbone(x)), first)
+    out = train_cell(student, kl_objective(), train, val, sidecar(), cfg, "cpu")
+    assert [e["step"] for e in out.evals] == [0, 2, 4]
+    assert out.evals[0]["val_loss"] == pytest.approx(untrained, rel=1e-5)
+    student.eval()
+    with torch.no_grad():
+        trained = ce64(lambda x: student(x, aux=False).logits, second)
+    assert out.final_val_loss == pytest.approx(trained, rel=1e-5)
