@@ -164,10 +164,13 @@ def print_summary(results: dict, exp) -> None:
     from ablate.verdict import fmt
 
     stages = Table(title="stages")
-    for col in ("stage", "status", "seconds", "key"):
+    gpu = any(st.get("peak_gpu_allocated_gib") is not None for st in results["stages"].values())
+    for col in ("stage", "status", "seconds", "tokens/s", *(["peak GPU GiB"] if gpu else []), "key"):
         stages.add_column(col)
     for name, st in results["stages"].items():
-        stages.add_row(name, "cached" if st["cached"] else "computed", f"{st['seconds']:.1f}", st["key"])
+        rate = f"{st['tokens_per_s']:,}" if st.get("tokens_per_s") else "—"
+        peak = [f"{st['peak_gpu_allocated_gib']:.2f}"] if gpu else []
+        stages.add_row(name, "cached" if st["cached"] else "computed", f"{st['seconds']:.1f}", rate, *peak, st["key"])
     console.print(stages)
 
     cells = Table(title="cells")
