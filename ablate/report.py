@@ -178,7 +178,8 @@ def _val_loss_matrix(r: dict, t: Text) -> str:
                      t.cell(objective_text(cfg.get("objective", {}))), t.cell(cfg.get("sweep") or DASH),
                      t.cell(c.get("status")), t.cell(finals[name], d), t.cell(step0[name], d)])
     out = ["## Validation loss", "",
-           table(["cell", "router", "oracle", "objective", "sweep", "status", "final val_loss (nats)", "val_loss before training"], rows)]
+           table(["cell", "router", "oracle", "objective", "sweep", "status", "final val_loss (nats)",
+                  "before training, same windows"], rows)]
     sentences = []
     for pair in r.get("pairs", []):
         a, b = finals.get(pair["real"]), finals.get(pair["shuffled"])

@@ -10,9 +10,9 @@ Per step s (0-based; s optimiser updates are done before it):
 
 Validation (§5.4) runs before step s when s > 0 and s % eval_every == 0 (reported as step s,
 i.e. after s updates) and once after the last step (reported as step = steps). Before the first
-update it also runs once as step 0 (the untrained student: gates closed, router zero), with the
-validation sampler rewound afterwards, so the later evaluations see the windows they would
-without it.
+update it also runs once as step 0 (the untrained student: gates closed, router zero) on the
+windows the final evaluation will read, from a fork of the validation sampler: the two compare
+like with like, and the reference's evaluations see the windows they would without it.
 
 Logged row (a dict keyed by column name; values as used in that step's forward, before its
 update): step, loss (total objective incl. aux), every objective term (ce, kl, …),
@@ -32,6 +32,7 @@ evaluation or checkpoint can see the damaged weights.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -149,6 +150,16 @@ class WindowSampler:
         else:
             windows = windows.to(self.device)
         return windows[:, :-1], windows[:, 1:]
+
+    def fork(self, skip_draws: int = 0) -> "WindowSampler":
+        """A sampler on the same stream whose next draw is this one's (skip_draws + 1)-th; this
+        one is left untouched."""
+        other = copy.copy(self)
+        other.generator = torch.Generator()
+        other.generator.set_state(self.generator.get_state())
+        for _ in range(skip_draws):  # the start offsets alone advance the generator as draw() does
+            torch.randint(0, self.stream.numel() - self.seq_len, (self.batch, 1), generator=other.generator)
+        return other
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"generator": self.generator.get_state()}
@@ -520,16 +531,18 @@ def train_cell(student: torch.nn.Module, objective: Objective, train_stream: tor
         save()
         return outcome(stopped=True)
 
-    def run_eval(step: int) -> bool:
-        """Evaluate and record as `step`; False (sampler rewound) when stopped midway."""
+    def run_eval(step: int, sampler: WindowSampler | None = None) -> bool:
+        """Evaluate on `sampler` (default: the run's validation sampler) and record as `step`;
+        False (sampler rewound) when stopped midway."""
         run.raise_if_fault()
+        sampler = sampler or run.val_sampler
         t = time.perf_counter()
-        before = run.val_sampler.state_dict()
-        val = evaluate(student, run.val_sampler, cfg.eval_batches, run.autocast, should_stop)
+        before = sampler.state_dict()
+        val = evaluate(student, sampler, cfg.eval_batches, run.autocast, should_stop)
         value = None if val is None else val.item()
         run.excluded_s += time.perf_counter() - t
         if value is None:
-            run.val_sampler.load_state_dict(before)
+            sampler.load_state_dict(before)
             return False
         if not math.isfinite(value):
             raise NumericalFault(cfg.name, step, "validation loss")
@@ -543,10 +556,9 @@ def train_cell(student: torch.nn.Module, objective: Objective, train_stream: tor
     student.train()
     run.mark, run.last_logged = time.perf_counter(), run.step - 1
     if run.step == 0 and not run.evals:
-        fresh_windows = run.val_sampler.state_dict()
-        if not run_eval(0):
+        periodic = (cfg.steps - 1) // cfg.eval_every  # evaluations before the final one
+        if not run_eval(0, run.val_sampler.fork(periodic * cfg.eval_batches)):
             return stop()
-        run.val_sampler.load_state_dict(fresh_windows)
     for s in range(run.step, cfg.steps):
         if should_stop():
             return stop()

@@ -523,10 +523,10 @@ def test_real_student_trains_with_the_kl_objective_and_resumes_exactly():
     assert b_out.final_val_loss == out.final_val_loss
 
 
-def test_step_zero_evaluation_is_the_untrained_backbone_and_later_windows_are_unchanged():
-    """Step 0 = the frozen backbone's CE (gates closed, router zero) on the first validation draw;
-    the sampler is rewound after it, so the final evaluation (step 4, the second evaluation of
-    the reference's protocol) reads the second draw of a fresh sampler."""
+def test_step_zero_evaluation_is_the_untrained_backbone_on_the_final_windows():
+    """Step 0 = the frozen backbone's CE (gates closed, router zero) on the windows the final
+    evaluation reads (here the second draw: the periodic evaluation at step 2 reads the first),
+    so "before training" and "final" compare like with like."""
     cfg = config(steps=4, eval_every=2, eval_batches=2, seq_len=12)
     train, val = streams()
     student = _real_student()
@@ -536,10 +536,10 @@ def test_step_zero_evaluation_is_the_untrained_backbone_and_later_windows_are_un
         return float(sum(losses) / len(losses))
 
     sampler = WindowSampler(val, cfg.batch, cfg.seq_len, cfg.val_seed, "cpu")
-    first, second = [sampler() for _ in range(2)], [sampler() for _ in range(2)]
+    _first, second = [sampler() for _ in range(2)], [sampler() for _ in range(2)]
     backbone = student.backbone
     with torch.no_grad():
-        untrained = ce64(lambda x: backbone.logits(backbone(x)), first)
+        untrained = ce64(lambda x: backbone.logits(backbone(x)), second)
     out = train_cell(student, kl_objective(), train, val, sidecar(), cfg, "cpu")
     assert [e["step"] for e in out.evals] == [0, 2, 4]
     assert out.evals[0]["val_loss"] == pytest.approx(untrained, rel=1e-5)
@@ -547,3 +547,13 @@ def test_step_zero_evaluation_is_the_untrained_backbone_and_later_windows_are_un
     with torch.no_grad():
         trained = ce64(lambda x: student(x, aux=False).logits, second)
     assert out.final_val_loss == pytest.approx(trained, rel=1e-5)
+
+
+def test_a_forked_sampler_draws_ahead_and_leaves_the_original_alone():
+    _, val = streams()
+    reference = WindowSampler(val, 3, 8, seed=11)
+    draws = [reference.draw() for _ in range(4)]
+    a = WindowSampler(val, 3, 8, seed=11)
+    fork = a.fork(skip_draws=2)
+    assert torch.equal(fork.draw(), draws[2]) and torch.equal(fork.draw(), draws[3])
+    assert torch.equal(a.draw(), draws[0])  # the original is untouched

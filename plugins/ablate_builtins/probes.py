@@ -86,7 +86,8 @@ class FinalLoss(Probe):
     description = "Validation loss of the cell: the last evaluation, and step 0 when it was evaluated."
     metrics = {
         "val_loss": "last validation cross-entropy of the cell, nats per token",
-        "val_loss_step0": "validation cross-entropy at step 0 (gates closed, router zero), nats per token",
+        "val_loss_step0": "validation cross-entropy at step 0 (gates closed, router zero) on the windows of the "
+                          "final evaluation, nats per token",
     }
 
     def run(self, view: CellView) -> dict[str, float]:
