@@ -9,6 +9,7 @@ line, a checkpoint source) are rewritten relative to the report's folder.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -501,13 +502,37 @@ def _labels(runs: list[dict]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n} #{i + 1}" for i, n in enumerate(names)]
 
 
+def cell_matches(runs: list[dict]) -> list[tuple[str, ...]]:
+    """Tuples of one cell name per run that play the same part: the first run's cell, then in each
+    other run the cell of the same name, else every cell with the same base name (sweep label
+    stripped from either side) and the same router and oracle settings. ZEB-139's
+    router_on_real@lambda=0.5 and @lambda=0.9 thus both meet ZEB-136's router_on_real."""
+    def role(cell: dict) -> tuple:
+        cfg = cell.get("config", {})
+        return cfg.get("router"), cfg.get("oracle")
+
+    def base(name: str) -> str:
+        return name.split("@", 1)[0]
+
+    out: list[tuple[str, ...]] = []
+    for name, cell in runs[0]["cells"].items():
+        options = []
+        for run in runs[1:]:
+            if name in run["cells"]:
+                options.append([name])
+            else:
+                options.append([n for n, c in run["cells"].items() if base(n) == base(name) and role(c) == role(cell)])
+        out += [(name, *combo) for combo in itertools.product(*options)]
+    return out
+
+
 def _compare_metrics(runs: list[dict], labels: list[str]) -> str:
     metrics = [cell_metrics(r) for r in runs]
-    shared_cells = [c for c in runs[0]["cells"] if all(c in r["cells"] for r in runs[1:])]
+    matches = cell_matches(runs)
     out = ["## Metrics per matching cell"]
-    for cell in shared_cells:
-        per_run = [m.get(cell, {}) for m in metrics]
-        finals = [final_val_loss(r["cells"][cell]) for r in runs]
+    for names in matches:
+        per_run = [m.get(n, {}) for m, n in zip(metrics, names)]
+        finals = [final_val_loss(r["cells"][n]) for r, n in zip(runs, names)]
         for pr, v in zip(per_run, finals):
             if v is not None:
                 pr.setdefault("val_loss", v)
@@ -521,33 +546,39 @@ def _compare_metrics(runs: list[dict], labels: list[str]) -> str:
             deltas = [signed_delta(v, values[0], d) for v in values[1:]]
             rows.append([k, *(fmt(v, d) for v in values), *(f"{delta} {arrow}" for delta, arrow in deltas)])
         header = ["metric", *labels, *(f"Δ {lab} − {labels[0]}" for lab in labels[1:])]
-        out += ["", f"### {cell}", "", table(header, rows)]
-    only = sorted({c for r in runs for c in r["cells"]} - set(shared_cells))
+        out += ["", f"### {_match_title(names, labels)}", "", table(header, rows)]
+    matched = [{names[i] for names in matches} for i in range(len(runs))]
+    only = sorted({f"{n} ({lab})" for r, lab, seen in zip(runs, labels, matched) for n in r["cells"] if n not in seen})
     if only:
-        out += ["", "Cells not present in every run: " + ", ".join(only)]
+        out += ["", "Cells with no counterpart in every run: " + ", ".join(only)]
     return "\n".join(out)
 
 
 def _compare_verdicts(runs: list[dict], labels: list[str]) -> str:
     lines = ["## Verdict changes", ""]
     keyed = [{(th["name"], th["cell"]): th["verdict"] for th in r.get("thresholds", [])} for r in runs]
-    for key in dict.fromkeys(k for kd in keyed for k in kd):
-        seq = [kd.get(key, "absent") for kd in keyed]
-        if len(set(seq)) > 1:
-            lines.append(f"- threshold {key[0]} @ {key[1]}: " + " → ".join(f"{s} ({lab})" for s, lab in zip(seq, labels)))
+    threshold_names = list(dict.fromkeys(name for kd in keyed for name, _ in kd))
     combos = [r.get("combination") or {} for r in runs]
-    for cell in dict.fromkeys(c for cb in combos for c in cb):
-        seq = [cb.get(cell, {}).get("label", "absent") for cb in combos]
-        if len(set(seq)) > 1:
-            lines.append(f"- combination {cell}: " + " → ".join(f"{s} ({lab})" for s, lab in zip(seq, labels)))
     discs = [{d["real"]: d["outcome"] for d in r.get("discriminator", [])} for r in runs]
-    for cell in dict.fromkeys(c for dd in discs for c in dd):
-        seq = [dd.get(cell, "absent") for dd in discs]
+
+    def changed(what: str, where: str, seq: list[str]) -> None:
         if len(set(seq)) > 1:
-            lines.append(f"- discriminator {cell}: " + " → ".join(f"{s} ({lab})" for s, lab in zip(seq, labels)))
+            lines.append(f"- {what} {where}: " + " → ".join(f"{s} ({lab})" for s, lab in zip(seq, labels)))
+
+    for names in cell_matches(runs):
+        where = _match_title(names, labels)
+        for th in threshold_names:
+            changed(f"threshold {th}", f"@ {where}", [kd.get((th, n), "absent") for kd, n in zip(keyed, names)])
+        changed("combination", where, [cb.get(n, {}).get("label", "absent") for cb, n in zip(combos, names)])
+        changed("discriminator", where, [dd.get(n, "absent") for dd, n in zip(discs, names)])
     if len(lines) == 2:
         lines.append("No threshold verdict, combination label or discriminator outcome changed.")
     return "\n".join(lines)
+
+
+def _match_title(names: tuple[str, ...], labels: list[str]) -> str:
+    """One cell name when all runs use it, else each run's cell with the run's label."""
+    return names[0] if len(set(names)) == 1 else " ↔ ".join(f"{n} ({lab})" for n, lab in zip(names, labels))
 
 
 def _compare_sanity(runs: list[dict], labels: list[str], t: Text) -> str:

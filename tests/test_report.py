@@ -344,3 +344,29 @@ def test_report_tolerates_missing_optional_blocks(tmp_path, drop):
     results.pop(drop)
     text, _ = render(tmp_path, results)
     assert text.startswith("# zeb139")
+
+
+def test_cells_meet_their_counterparts_across_sweeps():
+    from ablate.report import cell_matches
+
+    def run(**cells):
+        return {"cells": {n: {"config": {"router": r, "oracle": o}} for n, (r, o) in cells.items()}}
+
+    swept = run(off_real=(False, "real"), **{"on_real@lambda=0.5": (True, "real"), "on_real@lambda=0.9": (True, "real"),
+                                             "on_shuf@lambda=0.5": (True, "shuffled")})
+    plain = run(off_real=(False, "real"), on_real=(True, "real"), on_shuf=(True, "shuffled"), on_gauss=(True, "gaussian"))
+    assert cell_matches([swept, plain]) == [("off_real", "off_real"), ("on_real@lambda=0.5", "on_real"),
+                                            ("on_real@lambda=0.9", "on_real"), ("on_shuf@lambda=0.5", "on_shuf")]
+    assert cell_matches([plain, swept]) == [("off_real", "off_real"), ("on_real", "on_real@lambda=0.5"),
+                                            ("on_real", "on_real@lambda=0.9"), ("on_shuf", "on_shuf@lambda=0.5")]
+    # the same base name with another role is not a counterpart
+    assert cell_matches([run(on_real=(True, "real")), run(**{"on_real@x": (False, "real")})]) == []
+
+
+def test_comparison_sets_swept_cells_beside_their_unswept_counterpart(tmp_path):
+    a = make_results(tmp_path, "zeb139")
+    b = make_results(tmp_path, "zeb136")
+    a["cells"]["on_real@lambda=0.9"] = a["cells"].pop("on_real")
+    text = render_comparison([a, b], tmp_path / "reports" / "cmp.md")
+    assert "### on_real@lambda=0.9 (zeb139) ↔ on_real (zeb136)" in text
+    assert "no counterpart" not in text
