@@ -346,6 +346,7 @@ def test_plan_lists_keys_and_cache_state_and_fresh_recomputes(baseline, tmp_path
     assert ablate_in(cwd, monkeypatch, "plan", *SPEC_ARGS) == 0
     printed = capsys.readouterr().out
     assert all(st["key"] in printed for st in base["stages"].values() if st["key"])
+    assert 'would run eager (train.compile = "auto": 40 steps over all cells < 3000)' in " ".join(printed.split())
     assert set(plan_of(cwd).values()) == {"cached", "always rewritten (cheap)"}
     # checkpoint_every changes when state is saved, not what is computed: same keys
     assert set(plan_of(cwd, "train.checkpoint_every=7").values()) == {"cached", "always rewritten (cheap)"}
