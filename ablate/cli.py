@@ -144,12 +144,11 @@ def compile_decision(spec) -> str:
     """One line: whether the cells would be compiled on CUDA, and why (train.compile)."""
     from ablate.cells import COMPILE_MIN_STEPS, compile_cells
 
-    total = spec.train.steps * len(spec.cells)
-    verdict = "compiled" if compile_cells(spec) else "eager"
-    why = (f'train.compile = "auto": {total} steps over all cells '
-           f"{'≥' if total >= COMPILE_MIN_STEPS else '<'} {COMPILE_MIN_STEPS}"
+    compiled = compile_cells(spec)
+    why = (f'train.compile = "auto": {spec.train.steps * len(spec.cells)} steps over all cells '
+           f"{'≥' if compiled else '<'} {COMPILE_MIN_STEPS}"
            if spec.train.compile == "auto" else f'train.compile = "{spec.train.compile}"')
-    return f"on CUDA the cells would run {verdict} ({why}); on the CPU they always run eager"
+    return f"on CUDA the cells would run {'compiled' if compiled else 'eager'} ({why}); on the CPU they always run eager"
 
 
 def cmd_run(args) -> int:

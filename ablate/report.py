@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ablate import plots, store
+from ablate.spec import base_name
 from ablate.verdict import agreement, describe_rule, fmt, fmt_gap, row_decimals
 
 CONTENT_GAIN_CONVENTION = (
@@ -511,9 +512,6 @@ def cell_matches(runs: list[dict]) -> list[tuple[str, ...]]:
         cfg = cell.get("config", {})
         return cfg.get("router"), cfg.get("oracle")
 
-    def base(name: str) -> str:
-        return name.split("@", 1)[0]
-
     out: list[tuple[str, ...]] = []
     for name, cell in runs[0]["cells"].items():
         options = []
@@ -521,7 +519,7 @@ def cell_matches(runs: list[dict]) -> list[tuple[str, ...]]:
             if name in run["cells"]:
                 options.append([name])
             else:
-                options.append([n for n, c in run["cells"].items() if base(n) == base(name) and role(c) == role(cell)])
+                options.append([n for n, c in run["cells"].items() if base_name(n) == base_name(name) and role(c) == role(cell)])
         out += [(name, *combo) for combo in itertools.product(*options)]
     return out
 

@@ -513,11 +513,11 @@ def train_cell(student: torch.nn.Module, objective: Objective, train_stream: tor
 
     def outcome(stopped: bool) -> TrainOutcome:
         final = (run.evals[-1]["val_loss"] if run.complete and run.evals else None)
+        tokens = run.steps_run * cfg.batch * cfg.seq_len
         return TrainOutcome(
             history=run.history, evals=run.evals, final_val_loss=final, steps_done=run.step,
-            stopped_early=stopped, seconds=time.perf_counter() - t0,
-            tokens_per_s=run.steps_run * cfg.batch * cfg.seq_len / max(run.train_s, 1e-9),
-            tokens=run.steps_run * cfg.batch * cfg.seq_len, compiled=run.compiled, precision=run.precision, notes=run.notes)
+            stopped_early=stopped, seconds=time.perf_counter() - t0, tokens_per_s=tokens / max(run.train_s, 1e-9),
+            tokens=tokens, compiled=run.compiled, precision=run.precision, notes=run.notes)
 
     def save() -> None:
         if save_state is not None:
