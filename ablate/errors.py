@@ -36,3 +36,23 @@ class NumericalFault(Exception):
     def __init__(self, cell: str, step: int, what: str):
         self.cell, self.step, self.what = cell, step, what
         super().__init__(f"cell {cell!r}: non-finite {what} at step {step}")
+
+
+class PluginFault(Exception):
+    """A plugin's own code raised (an objective's constructor or step, a probe): only the cells or
+    metrics that need that plugin fail; the run goes on."""
+
+    def __init__(self, kind: str, name: str, where: str, exc: BaseException):
+        self.kind, self.name, self.where, self.exc = kind, name, where, exc
+        super().__init__(f"{kind} plugin {name!r} raised {type(exc).__name__} {where}: {exc}")
+
+
+class RunFailed(AblateError):
+    """An unexpected exception stopped a run. Exit code 1: the message says where it happened,
+    what is kept and how to resume; the traceback is in `log` (and shown with --debug)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, log: str | None = None):
+        self.log = log
+        super().__init__(message)

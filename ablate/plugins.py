@@ -1,12 +1,18 @@
 """The plugin manager: hookspecs, entry points (group `ablate`), and `--plugin file.py`.
 
 Built-ins live in `plugins/ablate_builtins` and arrive through the same entry-point group a
-third-party package uses. A plugin that fails to import is remembered, not fatal: only a spec
-that names one of its components fails, with the plugin's error in the message.
+third-party package uses. A broken plugin is remembered, not fatal: one whose entry point fails
+to import, that implements a hook ablate does not define (a typo such as `ablate_probe`), whose
+hook signature is wrong, or whose hook raises or registers something that is not a Component.
+It is left out whole (none of its components are registered, so it never half-works), `ablate
+plugins` lists it with the reason, and only a spec that names a component it may provide fails.
+Two plugins (different sources) registering one name for one kind is a conflict: the name is
+registered by neither, and `Registry.get` of it fails naming both; other specs still run.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import importlib.util
 import sys
@@ -20,6 +26,7 @@ from ablate.components import Component
 from ablate.errors import AblateError, InputError
 
 KINDS = {"corpus": "ablate_corpora", "teacher": "ablate_teachers", "objective": "ablate_objectives", "probe": "ablate_probes"}
+HOOKS = sorted(KINDS.values())
 ENTRY_POINT_GROUP = "ablate"
 
 
@@ -32,21 +39,43 @@ class Registered:
 @dataclass
 class Registry:
     components: dict[str, dict[str, Registered]] = field(default_factory=lambda: {k: {} for k in KINDS})
-    broken: dict[str, str] = field(default_factory=dict)  # plugin source → import error
+    broken: dict[str, str] = field(default_factory=dict)  # plugin source → why it is not used
+    conflicts: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (kind, name) → sources
+
+    def add(self, kind: str, cls: type[Component], source: str) -> None:
+        """Register `cls`; a second source for the same kind and name makes it a conflict."""
+        clash = self.conflicts.get((kind, cls.name))
+        taken = self.components[kind].get(cls.name)
+        if clash is not None:
+            if source not in clash:
+                clash.append(source)
+        elif taken is None or taken.source == source:
+            self.components[kind][cls.name] = Registered(cls, source)
+        else:
+            del self.components[kind][cls.name]
+            self.conflicts[(kind, cls.name)] = [taken.source, source]
+
+    def conflict_message(self, kind: str, name: str) -> str:
+        sources = " and ".join(self.conflicts[(kind, name)])
+        return (f"The {kind} {name!r} is registered by more than one plugin: {sources}. Uninstall one of "
+                f"them (or drop its --plugin file), or rename the component in one of them.")
 
     def get(self, kind: str, name: str) -> type[Component]:
+        if (kind, name) in self.conflicts:
+            raise AblateError(self.conflict_message(kind, name))
         found = self.components[kind].get(name)
         if found is not None:
             return found.cls
-        available = ", ".join(sorted(self.components[kind])) or "none"
+        available = ", ".join(self.names(kind)) or "none"
         msg = f"Unknown {kind} plugin {name!r}. Available: {available}."
         if self.broken:
-            fails = "; ".join(f"{src} failed to import ({err})" for src, err in self.broken.items())
+            fails = "; ".join(f"plugin {src} is broken: {why}" for src, why in self.broken.items())
             msg += f" Note: {fails} — it may be the one that provides {name!r}."
         raise AblateError(msg)
 
     def names(self, kind: str) -> list[str]:
-        return sorted(self.components[kind])
+        """Registered names, conflicting ones included (so that using them fails loudly)."""
+        return sorted({*self.components[kind], *(n for k, n in self.conflicts if k == kind)})
 
 
 def _source_of(dist: importlib.metadata.Distribution | None, fallback: str) -> str:
@@ -60,48 +89,73 @@ def load_registry(plugin_files: list[str | Path] = ()) -> Registry:
     pm = pluggy.PluginManager("ablate")
     pm.add_hookspecs(hookspecs)
     registry = Registry()
-    sources: dict[int, str] = {}
+    loaded: list[tuple[object, str, str]] = []  # (module, source, key in registry.broken)
+
+    def add(module, name: str, source: str, key: str) -> None:
+        why = _unknown_hook(pm, module)
+        if why is None:
+            try:
+                pm.register(module, name=name)
+            except pluggy.PluginValidationError as exc:  # e.g. a hook with the wrong arguments
+                pm.unregister(name=name)
+                why = str(exc).replace("\n", "; ")
+        if why is None:
+            loaded.append((module, source, key))
+        else:
+            registry.broken[key] = why
 
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        label = _source_of(ep.dist, ep.value)
+        source = _source_of(ep.dist, ep.value)
+        key = f"{source} ({ep.name} = {ep.value})"
         try:
             module = ep.load()
         except Exception as exc:  # a broken third-party plugin must not break other specs
-            registry.broken[f"{label} ({ep.name} = {ep.value})"] = f"{type(exc).__name__}: {exc}"
+            registry.broken[key] = f"failed to import: {type(exc).__name__}: {exc}"
             continue
-        if pm.is_registered(module):
+        if not pm.is_registered(module):
+            add(module, ep.value, source, key)
+
+    seen: set[Path] = set()
+    for path in map(Path, plugin_files):
+        if path.resolve() not in seen:  # the same file twice is one plugin, not a conflict
+            seen.add(path.resolve())
+            add(_import_file(path), str(path), str(path), str(path))
+
+    for module, source, key in loaded:
+        found: list[tuple[str, type]] = []
+        try:
+            for kind, hook_name in KINDS.items():
+                def register(cls, _kind=kind):
+                    found.append((_kind, _check_component(cls, _kind, source)))
+
+                for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                    if impl.plugin is module:
+                        impl.function(register=register)
+        except Exception as exc:  # a plugin's own bug must not break other specs
+            registry.broken[key] = f"its {hook_name} hook failed: {type(exc).__name__}: {exc}"
             continue
-        pm.register(module, name=f"{ep.value}")
-        sources[id(module)] = label
-
-    for path in plugin_files:
-        module = _import_file(Path(path))
-        pm.register(module, name=str(path))
-        sources[id(module)] = str(path)
-
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise AblateError(f"A plugin implements a hook ablate does not define: {exc}. "
-                          f"Hooks are: {', '.join(sorted(KINDS.values()))}.") from exc
-
-    for kind, hook_name in KINDS.items():
-        hook = getattr(pm.hook, hook_name)
-        for impl in hook.get_hookimpls():
-            label = sources.get(id(impl.plugin), impl.plugin_name)
-
-            def register(cls, _kind=kind, _label=label):
-                _check_component(cls, _kind, _label)
-                registry.components[_kind][cls.name] = Registered(cls, _label)
-
-            impl.function(register=register)
+        for kind, cls in found:
+            registry.add(kind, cls, source)
     return registry
 
 
-def _check_component(cls, kind: str, label: str) -> None:
+def _unknown_hook(pm: pluggy.PluginManager, module) -> str | None:
+    """Why `module` is broken when a @hookimpl function of it names no ablate hook, else None."""
+    for attr in dir(module):
+        opts = pm.parse_hookimpl_opts(module, attr)
+        hook = None if opts is None else opts.get("specname") or attr
+        if hook is not None and hook not in HOOKS:
+            close = difflib.get_close_matches(hook, HOOKS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"ablate's hooks are {', '.join(HOOKS)}."
+            return f"implements hook {hook!r}, which ablate does not define; {hint}"
+    return None
+
+
+def _check_component(cls, kind: str, label: str) -> type[Component]:
     if not (isinstance(cls, type) and issubclass(cls, Component) and isinstance(getattr(cls, "name", None), str)):
         raise AblateError(f"Plugin {label} registered {cls!r} as a {kind}, but it is not an "
                           f"ablate.components.Component subclass with a string `name`.")
+    return cls
 
 
 def _import_file(path: Path):

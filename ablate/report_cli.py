@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from ablate import compile_cache, store
@@ -101,7 +100,7 @@ def clean_command(args, console) -> int:
         what = "half-written " if half_written else ""
         console.print(f"{'would remove' if args.dry_run else 'removing'} {what}{path}")
         if not args.dry_run:
-            shutil.rmtree(path)
+            store.remove_tree(path, cache)
         removed += 1
     console.print(f"{removed} unreferenced artifact(s) {'found' if args.dry_run else 'removed'}; {len(keep)} referenced kept")
     return 0

@@ -88,13 +88,23 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def remove_tree(target: Path, inside: Path, ignore_errors: bool = False) -> None:
+    """shutil.rmtree(target), refused (AblateError) unless `target`, with links and `..` resolved,
+    lies strictly inside `inside`, the directory it belongs to."""
+    real, root = Path(target).resolve(), Path(inside).resolve()
+    if root not in real.parents:
+        raise AblateError(f"Refusing to delete {target}: it resolves to {real}, which is not inside {root}. "
+                          f"Nothing was deleted; a name or link points outside its directory — fix it.")
+    shutil.rmtree(target, ignore_errors=ignore_errors)
+
+
 def remove_temps(directory: Path, name: str = "") -> list[Path]:
     """Delete leftovers of interrupted atomic writes in `directory` (the hidden `.{name}*.tmp`
     files and directories; every one when name is empty). Only call this while holding the lock
     that covers them."""
     removed = []
     for p in sorted(Path(directory).glob(f".{name}*{TEMP_SUFFIX}")) if Path(directory).is_dir() else []:
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        remove_tree(p, directory) if p.is_dir() else p.unlink(missing_ok=True)
         removed.append(p)
     return removed
 
@@ -162,10 +172,10 @@ def staging(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         if final.exists():
-            shutil.rmtree(final)
+            remove_tree(final, final.parent)
         os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, final.parent, ignore_errors=True)
         raise
 
 

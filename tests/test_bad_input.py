@@ -35,7 +35,8 @@ def _teacher_with_vocab(cwd: Path, vocab: int) -> list[str]:
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": 32,
               "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2}
     (folder / "config.json").write_text(json.dumps(config))
-    return ["--set", f'teacher={{ plugin = "hf-causal-lm", model = "{folder}", random_init = true }}']
+    return ["--set", f'teacher={{ plugin = "hf-causal-lm", model = "{folder}", random_init = true }}',
+            "--set", 'axes.teacher="hf-causal-lm"']
 
 
 def _empty_corpus(cwd: Path) -> list[str]:

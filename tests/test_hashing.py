@@ -109,7 +109,7 @@ def test_invalid_order_rejected():
         ngram_hashes(torch.tensor([[1, 2, 3, 4]]), 4, 42)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     t = torch.randint(0, 2**32, (4, 257), generator=torch.Generator().manual_seed(1))
     cpu = row_ids(t, N, seeds=(42, 2**64 - 1))

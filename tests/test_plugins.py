@@ -13,6 +13,8 @@ from ablate import cli
 from ablate.errors import AblateError
 from ablate.plugins import load_registry
 
+from cli_run import ablate_in
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "plugins" / "examples" / "ablate-example-objective"
 
@@ -29,11 +31,87 @@ def test_unknown_name_lists_available():
         load_registry().get("objective", "klce")
 
 
-def test_misspelled_hook_is_an_error(tmp_path):
-    f = tmp_path / "typo.py"
-    f.write_text("from ablate import hookimpl\n@hookimpl\ndef ablate_objective(register):\n    pass\n")
-    with pytest.raises(AblateError, match="ablate_objective"):
-        load_registry([f])
+def _objective_plugin(path: Path, name: str, typo: str | None = None) -> Path:
+    """Write a --plugin file registering a CE objective `name`, plus an empty hook `typo` if given."""
+    extra = f"@hookimpl\ndef {typo}(register):\n    pass\n" if typo else ""
+    path.write_text(textwrap.dedent(f"""
+        from ablate import hookimpl
+        from ablate.components import Objective, ObjectiveResult
+        from ablate.losses import cross_entropy
+
+        class Mine(Objective):
+            name = {name!r}
+            def formula(self):
+                return "L = CE"
+            def __call__(self, batch):
+                ce = cross_entropy(batch.logits, batch.targets)
+                return ObjectiveResult(ce, {{"ce": ce.detach()}})
+
+        @hookimpl
+        def ablate_objectives(register):
+            register(Mine)
+    """) + extra)
+    return path
+
+
+def test_misspelled_hook_marks_only_that_plugin_broken(tmp_path):
+    f = _objective_plugin(tmp_path / "typo.py", "typo_ce", typo="ablate_objective")
+    reg = load_registry([f])
+    assert "implements hook 'ablate_objective'" in reg.broken[str(f)]
+    assert "did you mean 'ablate_objectives'?" in reg.broken[str(f)]
+    assert "typo_ce" not in reg.names("objective")  # left out whole: its good hook is not used either
+    assert "kl_ce" in reg.names("objective")
+
+
+def test_plugins_command_lists_a_misspelled_hook_as_broken(tmp_path, monkeypatch, capsys):
+    f = _objective_plugin(tmp_path / "typo.py", "typo_ce", typo="ablate_probe")
+    assert ablate_in(ROOT, monkeypatch, "plugins", "--plugin", str(f)) == 0
+    out = capsys.readouterr().out
+    assert f"broken plugin {f}" in out and "'ablate_probe'" in out and "did you mean 'ablate_probes'?" in out
+    assert "kl_ce" in out
+
+
+def test_broken_plugin_fails_only_the_specs_that_use_it(tmp_path, monkeypatch, capsys):
+    f = _objective_plugin(tmp_path / "typo.py", "typo_ce", typo="ablate_probe")
+    spec = str(ROOT / "specs" / "demo.toml")
+    assert ablate_in(tmp_path, monkeypatch, "validate", spec, "--plugin", str(f)) == 0
+    capsys.readouterr()
+    assert ablate_in(tmp_path, monkeypatch, "validate", spec, "--plugin", str(f),
+                     "--set", 'cells.0.objective={name="typo_ce"}') == 2
+    err = capsys.readouterr().err
+    assert "Unknown objective plugin 'typo_ce'" in err and str(f) in err and "did you mean 'ablate_probes'?" in err
+
+
+def test_a_failing_hook_or_a_bad_registration_is_broken_not_fatal(tmp_path):
+    raises = tmp_path / "raises.py"
+    raises.write_text("from ablate import hookimpl\n@hookimpl\ndef ablate_probes(register):\n    raise RuntimeError('boom')\n")
+    bad = tmp_path / "bad.py"
+    bad.write_text("from ablate import hookimpl\n@hookimpl\ndef ablate_objectives(register):\n    register(object)\n")
+    reg = load_registry([raises, bad])
+    assert "RuntimeError: boom" in reg.broken[str(raises)]
+    assert "not an ablate.components.Component" in reg.broken[str(bad)]
+    assert "kl_ce" in reg.names("objective")
+
+
+def test_two_plugins_registering_one_name_conflict(tmp_path, monkeypatch, capsys):
+    a = _objective_plugin(tmp_path / "a.py", "dup_ce")
+    b = _objective_plugin(tmp_path / "b.py", "dup_ce")
+    spec = str(ROOT / "specs" / "demo.toml")
+    plugins = ["--plugin", str(a), "--plugin", str(b)]
+    assert ablate_in(tmp_path, monkeypatch, "validate", spec, *plugins) == 0  # a spec not using it runs
+    assert ablate_in(tmp_path, monkeypatch, "plugins", *plugins) == 0
+    out = capsys.readouterr().out
+    assert "conflict" in out and str(a) in out and str(b) in out
+    assert ablate_in(tmp_path, monkeypatch, "validate", spec, *plugins, "--set", 'cells.0.objective={name="dup_ce"}') == 2
+    err = capsys.readouterr().err
+    assert "'dup_ce' is registered by more than one plugin" in err and str(a) in err and str(b) in err
+    assert "Uninstall one" in err
+
+
+def test_the_same_plugin_file_twice_is_not_a_conflict(tmp_path):
+    a = _objective_plugin(tmp_path / "a.py", "dup_ce")
+    reg = load_registry([a, a])
+    assert reg.get("objective", "dup_ce").name == "dup_ce" and not reg.conflicts and not reg.broken
 
 
 def test_local_plugin_file(tmp_path):
@@ -105,3 +183,29 @@ def test_pip_installed_objective_runs_a_spec(installed_example, tmp_path):
     results = json.loads((tmp_path / "runs" / "third" / "results.json").read_text())
     cell = results["cells"]["router_off_real"]
     assert cell["status"] == "done" and "ε = 0.2" in cell["objective_formula"]
+
+
+def test_two_plugins_registering_one_probe_name_stop_a_run_before_any_work(tmp_path, monkeypatch, capsys):
+    """Every installed probe runs on every spec, so a probe name claimed twice fails `run` at once,
+    not after the cells have trained."""
+    probe = textwrap.dedent("""
+        from ablate import hookimpl
+        from ablate.components import Probe
+
+        class Twice(Probe):
+            name = "claimed_twice"
+            def run(self, cell):
+                return {}
+
+        @hookimpl
+        def ablate_probes(register):
+            register(Twice)
+    """)
+    (tmp_path / "a.py").write_text(probe)
+    (tmp_path / "b.py").write_text(probe)
+    (tmp_path / "demo.toml").write_text((ROOT / "specs" / "demo.toml").read_text())
+    code = ablate_in(tmp_path, monkeypatch, "run", "demo.toml", "--profile", "tiny", "--device", "cpu", "--quiet",
+                     "--plugin", str(tmp_path / "a.py"), "--plugin", str(tmp_path / "b.py"))
+    err = capsys.readouterr().err
+    assert code == 2 and "'claimed_twice' is registered by more than one plugin" in err
+    assert not (tmp_path / ".ablate-cache").exists() and not (tmp_path / "runs").exists()
