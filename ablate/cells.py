@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,11 +40,15 @@ def oracle_variants(oracle, spec) -> dict[str, OracleVariant]:
     table with matched per-dimension mean/std, KL target shuffled)."""
     from ablate.oracle import gaussian_twin, shuffled
 
-    shuf = shuffled(oracle, spec.oracle.shuffle_seed)
+    # an imported oracle may bring its own twin (ablate.oracle_files); else ONE permutation from shuffle_seed
+    shuf = oracle.shuffled_twin if oracle.shuffled_twin is not None else shuffled(oracle, spec.oracle.shuffle_seed)
+    # upstream trains against the sidecar as saved, in bfloat16 (§11.3); ablate keeps float32
+    sidecar_dtype = torch.bfloat16 if spec.numerics == "upstream" else torch.float32
+    real_sidecar, shuf_sidecar = oracle.sidecar.to(sidecar_dtype), shuf.sidecar.to(sidecar_dtype)
     return {
-        "real": OracleVariant(oracle.table, oracle.sidecar),
-        "shuffled": OracleVariant(shuf.table, shuf.sidecar),
-        "gaussian": OracleVariant(gaussian_twin(oracle.table, spec.oracle.gaussian_seed), shuf.sidecar),
+        "real": OracleVariant(oracle.table, real_sidecar),
+        "shuffled": OracleVariant(shuf.table, shuf_sidecar),
+        "gaussian": OracleVariant(gaussian_twin(oracle.table, spec.oracle.gaussian_seed), shuf_sidecar),
     }
 
 
@@ -55,7 +58,7 @@ def engram_config(spec, cell):
     m = spec.model
     return EngramConfig(inject_layers=tuple(m.inject_layers), engram_dim=spec.oracle.engram_dim, num_heads=m.num_heads,
                         top_k=m.top_k, retrieval_bias=m.retrieval_bias, gate_init=m.gate_init, router=cell.router,
-                        alpha_init=m.alpha_init)
+                        alpha_init=m.alpha_init, numerics=spec.numerics)
 
 
 def train_config(spec, cell, device):
@@ -68,7 +71,7 @@ def train_config(spec, cell, device):
                        vcontrast_weight=t.vcontrast_weight, qdiv_weight=t.qdiv_weight, aux_warmup=t.aux_warmup,
                        data_seed=t.data_seed, val_seed=t.val_seed, kl_seed=spec.oracle.seeds[0],
                        n_rows=spec.oracle.rows, checkpoint_every=t.checkpoint_every,
-                       compile=compile_cells(spec), name=cell.name)
+                       compile=compile_cells(spec), numerics=spec.numerics, name=cell.name)
 
 
 COMPILE_MIN_STEPS = 3000  # H100: compiling costs ~135 s cold and saves ~35 ms per step (docs/performance.md)
@@ -82,15 +85,47 @@ def compile_cells(spec) -> bool:
 
 def build_student(spec, cell, backbone_path: Path, vocab_size: int, table: torch.Tensor, device):
     """A fresh student: the frozen backbone from its checkpoint plus newly initialised adapters."""
+    from ablate.model.backbone import Backbone
     from ablate.model.checkpoint import load_backbone
     from ablate.model.student import Student
     from ablate.stages import backbone_config
 
-    backbone = load_backbone(backbone_path, expected=backbone_config(spec, vocab_size))
+    config = backbone_config(spec, vocab_size)
+    backbone = load_backbone(backbone_path, expected=config)
     torch.manual_seed(spec.train.model_seed)
+    if spec.numerics == "upstream":  # the reference seeds once, then builds the whole model: the
+        weights = backbone.state_dict()  # backbone's init draws come before the adapters' (§11.4)
+        backbone = Backbone(config)
+        backbone.load_state_dict(weights)
+        backbone.use_float32_rope()
     student = Student(backbone, engram_config(spec, cell), table)
+    if spec.backbone.init_adapters:
+        from ablate.model.reference_import import ADAPTERS_FILE
+
+        load_adapters(student, Path(backbone_path).with_name(ADAPTERS_FILE), spec.backbone.checkpoint)
     student.freeze_backbone()
     return student.to(device)
+
+
+def load_adapters(student, path: Path, source: str) -> None:
+    """Initialise every adapter parameter of `student` from `path` (student names; tensors of
+    adapters this cell lacks, e.g. the router of a router-off cell, are not used). InputError
+    unless each parameter is there with its shape."""
+    if not path.is_file():
+        raise InputError(f"[backbone] init_adapters = true, but the checkpoint {source!r} carries no adapter "
+                         "tensors (engram_injections.*, engram_skip_router.*). Use a reference checkpoint of a "
+                         "trained cell, or drop init_adapters so the adapters start fresh.")
+    saved = load_file(str(path))
+    params = {n: p for n, p in student.named_parameters() if n.startswith(("engram_injections.", "engram_skip_router."))}
+    missing = sorted(n for n in params if n not in saved or saved[n].shape != params[n].shape)
+    if missing:
+        shapes = {n: tuple(saved[n].shape) if n in saved else None for n in missing[:4]}
+        raise InputError(f"[backbone] init_adapters = true, but {source!r} lacks or mis-shapes adapter tensors "
+                         f"{shapes} (checkpoint → shape; None = absent): its injection layers or engram_dim differ "
+                         "from [model]/[oracle]. Match them to the checkpoint's, or drop init_adapters.")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
 
 
 # Train settings that change when state is saved, never what is computed: left out of the key.
@@ -104,6 +139,10 @@ def cell_key(spec, cell, inputs: dict[str, str], objective_cls) -> str:
 
     config = {"cell": cell.model_dump(mode="json"), "train": spec.train.model_dump(exclude=_KEY_EXEMPT_TRAIN),
               "model": spec.model.model_dump()}
+    if spec.numerics != "ablate":  # only then: keys of cells trained before the field existed stay valid
+        config["numerics"] = spec.numerics
+    if spec.backbone.init_adapters:
+        config["init_adapters"] = True
     return stage_key("cell", config, inputs, (objective_cls.__module__,))
 
 
@@ -128,7 +167,7 @@ def prepare_dir(cell_dir: Path, ident: dict, warn) -> dict | None:
     """Keep an interrupted cell's resumable state if it belongs to the same identity; else start
     clean. Returns the resume state, or None (warn(message) when a state had to be dropped)."""
     if recorded_identity(cell_dir) != ident and cell_dir.exists():
-        shutil.rmtree(cell_dir)
+        store.remove_tree(cell_dir, cell_dir.parent)
     cell_dir.mkdir(parents=True, exist_ok=True)
     store.remove_temps(cell_dir)  # half-written files of a killed run
     store.write_json(cell_dir / "key.json", ident)

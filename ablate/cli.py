@@ -4,15 +4,19 @@ expectation was not met, 2 bad input, 130 interrupted). No computation lives her
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
+import tempfile
+import time
 import traceback
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ablate.errors import AblateError
+from ablate.errors import AblateError, RunFailed
 
 console = Console()
 err_console = Console(stderr=True)
@@ -68,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=".ablate-cache")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("convert-checkpoint", help="import a reference checkpoint.pt / model_step_N.safetensors "
+                       "as ablate's backbone safetensors (nothing in the file is executed)")
+    p.add_argument("src", help="the reference's checkpoint.pt or model_step_N.safetensors (format detected)")
+    p.add_argument("dst", help="where to write ablate's backbone .safetensors")
+    p.add_argument("--spec", help="take the architecture from this spec's [backbone] (needed when SRC stores no "
+                   "config; checked against the stored config otherwise)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of --spec (repeatable)")
+    p.add_argument("--profile", help="apply a [profiles.NAME] block of --spec")
+    _common(p, spec=False)
     return parser
 
 
@@ -79,12 +94,37 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except AblateError as exc:
         if args.debug:
-            traceback.print_exc()
+            traceback.print_exception(exc.__cause__ if isinstance(exc, RunFailed) and exc.__cause__ else exc)
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except Exception as exc:  # never a raw traceback: one paragraph, the traceback in a log file
+        if args.debug:
+            traceback.print_exc()
+        log = crash_log(args.command, exc)
+        err_console.print(f"[bold red]error:[/] {escape(unexpected_message(args.command, exc, log))}",
+                          highlight=False, soft_wrap=True)
+        return 1
+
+
+def crash_log(command: str, exc: BaseException) -> Path | None:
+    """Write the traceback of an unexpected exception to a file in the temp directory."""
+    log = Path(tempfile.gettempdir()) / f"ablate-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        log.write_text(" ".join(sys.argv) + "\n\n" + "".join(traceback.format_exception(exc)))
+    except OSError:
+        return None
+    return log
+
+
+def unexpected_message(command: str, exc: BaseException, log: Path | None) -> str:
+    where = f"The traceback is in {log}" if log else "The traceback could not be written to a file"
+    return (f"ablate {command} failed with an unexpected {type(exc).__name__}: {str(exc).strip() or '(no message)'}. "
+            f"Nothing it had finished is lost (runs and cached stages are written atomically). {where}; rerun "
+            f"with --debug to see it here. If the cause is not in your spec or files, it is a bug in ablate or a "
+            f"plugin: report it with that traceback.")
 
 
 def _registry(args):
@@ -118,8 +158,11 @@ def cmd_plugins(args) -> int:
             reg = comps[name]
             table.add_row(kind, name, reg.source, ", ".join(reg.cls.Params.model_fields) or "—", reg.cls.description)
     console.print(table)
-    for src, err in registry.broken.items():
-        console.print(f"[yellow]broken plugin[/] {src}: {err}")
+    for src, why in registry.broken.items():
+        console.print(f"[yellow]broken plugin[/] {escape(src)}: {escape(why)} (not loaded; specs that "
+                      f"need its components fail)", soft_wrap=True)
+    for kind, name in registry.conflicts:
+        console.print(f"[red]conflict[/] {escape(registry.conflict_message(kind, name))}", soft_wrap=True)
     return 0
 
 
@@ -210,6 +253,9 @@ def print_summary(results: dict, exp) -> None:
         console.print(f"  {cell}: {comb['crossed']}/{comb['total']} thresholds crossed → [bold]{comb['label']}[/]")
     for d in results["discriminator"]:
         console.print(f"  discriminator {d['real']} vs {d['shuffled']}: [bold]{d['outcome']}[/] — {d['meaning']}")
+    for f in results.get("failed_probes", []):
+        console.print(f"  [red]probe {f['probe']} failed[/] on {', '.join(f['cells'])} ({escape(f['source'])}): "
+                      f"{escape(f['error'])}")
     for e in results.get("expectations", []):
         mark = "[green]✓[/]" if e["met"] else "[red]✗[/]"
         console.print(f"  expect {mark} {e['what']}: expected {e['expected']}, got {e['got']}")
@@ -234,8 +280,15 @@ def cmd_clean(args) -> int:
     return clean_command(args, console)
 
 
+def cmd_convert_checkpoint(args) -> int:
+    from ablate.model.reference_import import convert_command
+
+    return convert_command(args, console)
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "plugins": cmd_plugins,
-            "report": cmd_report, "clean": cmd_clean, "bench": cmd_bench}
+            "report": cmd_report, "clean": cmd_clean, "bench": cmd_bench,
+            "convert-checkpoint": cmd_convert_checkpoint}
 
 
 if __name__ == "__main__":

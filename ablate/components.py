@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 
 class Params(BaseModel):
@@ -63,6 +63,17 @@ class Corpus(Component):
     def load(self, workdir: Path, progress: Progress = no_progress) -> TokenCorpus:
         raise NotImplementedError
 
+    def tokenizer_file(self) -> Path | None:
+        """The tokenizer.json whose id→token map produced (or will produce) this corpus's ids, when
+        known before `load`; None otherwise (a tokenizer `load` trains is TokenCorpus.tokenizer_path).
+        Compared id by id with the teacher's (ablate.tokenizer_identity)."""
+        return None
+
+    def known_vocab_size(self) -> int | None:
+        """The vocabulary size when known before `load` (the teacher's is checked against it
+        early); None when only tokenising tells (a tokenizer read from a file)."""
+        return getattr(self.params, "vocab_size", None)
+
 
 # ---------------------------------------------------------------------------------- teachers
 
@@ -88,7 +99,29 @@ class LoadedTeacher:
         raise NotImplementedError
 
 
+TokenizerMismatch = Literal["error", "allow"]
+
+
 class Teacher(Component):
+    axis_labels: ClassVar[tuple[str, ...]] = ()  # names `[axes] teacher` may use besides the plugin name
+
+    def __init_subclass__(cls, **kwargs):
+        """Every teacher's Params gains `tokenizer_mismatch`: "error" (default) refuses a corpus whose
+        tokenizer maps ids to other tokens than the teacher's; "allow" runs it anyway (the report
+        then carries a warning banner), e.g. to reproduce the reference (its §12)."""
+        super().__init_subclass__(**kwargs)
+        if "tokenizer_mismatch" not in cls.Params.model_fields:
+            field_ = (TokenizerMismatch, Field("error", description='"allow": run on a corpus made with '
+                                                                     'another tokenizer (reference §12)'))
+            cls.Params = create_model(cls.Params.__name__, __base__=cls.Params, __module__=cls.Params.__module__,
+                                      __doc__=cls.Params.__doc__, tokenizer_mismatch=field_)
+
+    def tokenizer(self) -> Path | Literal["corpus"] | None:
+        """The tokenizer whose ids this teacher reads: a tokenizer.json file; "corpus" when the
+        teacher learns the corpus's own ids (trained on it); None when unknown (then only the
+        oracle pass's teacher-health check guards against a mismatch). Must not do heavy work."""
+        return None
+
     def check(self, corpus_vocab_size: int) -> None:
         """Fail fast (raise ablate.errors.SpecError/InputError) before any work: weights
         reachable, vocabulary compatible. Must not do heavy work."""

@@ -13,9 +13,9 @@ step boundary and exit 130; a non-finite loss or gradient fails only its cell.
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,19 +26,28 @@ import torch
 from ablate import cells as cellmod
 from ablate import meter, provenance, stages, store
 from ablate.components import CellView, ObjectiveContext
-from ablate.errors import AblateError, InputError, NumericalFault
+from ablate.errors import AblateError, InputError, NumericalFault, PluginFault, RunFailed
 from ablate.spec import Spec, base_name, cells_for, sweep_label
+from ablate.verdict import rubric_text
 
 RESULTS_SCHEMA_VERSION = 1
+NO_TEACHER = "not needed (oracle from files)"
 
 CONVENTIONS = {
     "content_gain": "content_gain = val_loss(shuffled-oracle cell) − val_loss(real-oracle cell), in nats: "
                     "POSITIVE when the real oracle content lowers the loss. The reference's Δ-diff is the "
                     "opposite sign (real − shuffled); convert before comparing with upstream numbers.",
-    "w_align_drift": "w_align_drift = ‖W_align − W_align(init)‖_F / √d. W_align starts at exactly zero, so "
-                     "'2× init' is meaningless; instead the drift is measured against √d, the Frobenius norm of "
-                     "a default-initialised d×d Linear (variance 1/fan_in). 1.0 = moved as far as a fresh "
-                     "layer's whole size.",
+    "w_align_drift": "w_align_drift = ‖W_align − W_align(init)‖_F / √(d/3), W_align(init) = 0. The reference's "
+                     "'> 2× init' is undefined for a zero init (its §10.2), so the unit is the init W_align would "
+                     "have had as a default nn.Linear(d, d): entries U(−1/√d, 1/√d), variance 1/(3d), so "
+                     "E‖W‖_F² = d/3 and ‖W‖_F ≈ √(d/3) (13.0639 at d = 512). The zeb136/138/139 threshold 0.3 (‖W_align‖_F > "
+                     "3.9192 at d = 512) is about 2× the drift of the CE-only router (ZEB-136: ‖W_align‖_F "
+                     "1.9108 → 0.1463): '2× init' read as '2× the CE attractor's own drift', the comparison the "
+                     "reference's findings made; ZEB-139's 1.3461 and 0.5786 read 0.1030 and 0.0443 (HOLD, as "
+                     "recorded upstream).",
+    "strong_result": "A strong result is a bound of its own in [combine] strong (reference §7.3: content_gain ≥ "
+                     "0.005), never counted as a threshold crossing; the combination records it per cell.",
+    "battery_rubric": rubric_text(),
     "cross_run_cos": "cross_run_cos = mean over positions of cos(z_r(real), z_r(shuffled)) on the raw router "
                      "logits (not probabilities, not centred), same validation tokens for both cells.",
     "alpha": "α = exp(log_alpha), the router's logit scale (added in logit space, not a probability mixture).",
@@ -110,30 +119,52 @@ class Experiment:
     def __post_init__(self):
         self.paths = RunPaths.of(self.spec, self.root)
         self.stage_results: dict[str, stages.StageResult] = {}
+        self.activity = "preparing the run"  # what the run is doing, for the message of a crash
         self.compile_cache: dict[str, int] = {}  # bytes of compiler artifacts loaded / saved (CUDA)
 
     # ----------------------------------------------------------------------- preflight
 
     def preflight(self):
         """Checks that need plugins but no heavy work: input files exist, the backbone checkpoint
-        exists, the teacher is reachable and its vocabulary matches (when known before loading)."""
+        exists, the teacher is reachable, its vocabulary matches and its tokenizer maps ids to the
+        same tokens as the corpus's (each when known before loading)."""
         corpus_cls = self.registry.get("corpus", self.spec.corpus.plugin)
         teacher_cls = self.registry.get("teacher", self.spec.teacher.plugin)
-        self.corpus_params = corpus_cls.Params.model_validate(self.spec.corpus.params())
+        self.corpus_params = corpus_cls.Params.model_validate(corpus_params(self.spec, corpus_cls))
         self.teacher = teacher_cls(teacher_cls.Params.model_validate(self.spec.teacher.params()))
         _check_paths(self.corpus_params, "corpus")
         _check_paths(self.teacher.params, "teacher")
         stages.check_backbone_checkpoint(self.spec)
-        vocab = getattr(self.corpus_params, "vocab_size", None)
-        if vocab is not None and getattr(self.corpus_params, "tokenizer", None) is None:
+        for name in self.registry.names("probe"):  # every probe runs: a name two plugins claim fails now,
+            self.registry.get("probe", name)  # not after the cells have trained
+        corpus = corpus_cls(self.corpus_params)
+        vocab = corpus.known_vocab_size()
+        if self.spec.oracle.source == "files":  # no teacher pass: the files are checked instead of the teacher
+            from ablate import oracle_files
+
+            oracle_files.check_headers(self.spec.oracle, vocab)
+        elif vocab is not None:
             self.teacher.check(vocab)  # else the vocabulary is known only after tokenising: checked then
+        self._check_tokenizers(corpus.tokenizer_file())  # again after tokenising
         return corpus_cls
+
+    def _check_tokenizers(self, corpus_tokenizer) -> None:
+        """Corpus vs teacher tokenizer; with an oracle from files the teacher only names the model the
+        files came from, so a teacher that cannot be located here is no error."""
+        from ablate import tokenizer_identity
+
+        try:
+            tokenizer_identity.check(corpus_tokenizer, self.teacher, self.spec.name)
+        except InputError:
+            if self.spec.oracle.source != "files":
+                raise
 
     def stage_keys(self, corpus_cls) -> dict[str, str]:
         k_corpus = stages.corpus_key(corpus_cls, self.corpus_params)
         k_teacher = stages.teacher_key(self.teacher, k_corpus, self.spec.seed)
+        vocab = corpus_cls(self.corpus_params).known_vocab_size()  # imported oracle files are checked against it
         return {"corpus": k_corpus, "backbone": stages.backbone_key(self.spec, k_corpus), "teacher": k_teacher,
-                "oracle": stages.oracle_key(self.spec, k_teacher, k_corpus)}
+                "oracle": stages.oracle_key(self.spec, k_teacher, k_corpus, vocab)}
 
     # --------------------------------------------------------------------------- plan
 
@@ -143,7 +174,8 @@ class Experiment:
         corpus_cls = self.preflight()
         keys = self.stage_keys(corpus_cls)
         cache = self.paths.cache
-        upstream = {"corpus": [], "backbone": ["corpus"], "teacher": ["corpus"], "oracle": ["teacher", "corpus"]}
+        upstream = {"corpus": [], "backbone": ["corpus"], "teacher": ["corpus"],
+                    "oracle": [] if self.spec.oracle.source == "files" else ["teacher", "corpus"]}  # files: key = digest
         digests: dict[str, str | None] = {}  # the data each stage will have if it is rebuilt identically
         rebuilt: set[str] = set()
         rows = []
@@ -152,6 +184,10 @@ class Experiment:
             if name == "backbone" and self.spec.backbone.source == "checkpoint":
                 digests[name] = key
                 rows.append({"name": name, "key": key, "status": f"cached (checkpoint {self.spec.backbone.checkpoint})"})
+                continue
+            if name == "teacher" and self.spec.oracle.source == "files":
+                digests[name] = None
+                rows.append({"name": name, "key": "—", "status": NO_TEACHER})
                 continue
             ok, why = stages.cache_status(path, {u: digests[u] for u in upstream[name]})
             digests[name] = store.content_digest(path)
@@ -199,7 +235,45 @@ class Experiment:
             with store.RunLock(self.paths.run_dir), self.stop.installed():
                 return self._run_locked(corpus_cls, t_start)
         except KeyboardInterrupt:
+            self._mark_report_stale("it was interrupted")
             raise Interrupted() from None
+        except Interrupted:
+            self._mark_report_stale("it was interrupted")
+            raise
+        except AblateError as exc:
+            self._mark_report_stale(f"it stopped with an error: {exc}")
+            raise
+        except Exception as exc:  # a bug or an environment failure: one paragraph, traceback in a log
+            failure = self._crash(exc)
+            self._mark_report_stale(f"it stopped with an unexpected {type(exc).__name__} while {self.activity}")
+            raise failure from exc
+
+    def _crash(self, exc: Exception) -> RunFailed:
+        """The paragraph for an unexpected exception: where, what is kept, how to resume; the
+        traceback goes to runs/<name>/logs/."""
+        log = self.paths.run_dir / "logs" / f"crash-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"while {self.activity}\n{self.command}\n\n"
+                       + "".join(traceback.format_exception(exc)))
+        done = [n for n in (c.name for c in self.spec.cells) if store.is_done(self.paths.run_dir / "cells" / n)]
+        stages_kept = [n for n, r in self.stage_results.items() if r.key]
+        kept = (f"stages kept in the cache: {', '.join(stages_kept) or 'none'}; finished cells kept: "
+                f"{', '.join(done) or 'none'} (a cell that was training keeps its last checkpoint)")
+        hint = _hint(exc)
+        return RunFailed(
+            f"ablate run {self.spec.name!r} stopped with an unexpected {type(exc).__name__} while {self.activity}: "
+            f"{str(exc).strip() or '(no message)'}. {hint}{kept}. The traceback is in {log} (or rerun with --debug). "
+            f"After fixing the cause, resume with: {self.command or 'the same ablate run command'}", str(log))
+
+    def _mark_report_stale(self, why: str) -> None:
+        """Put a banner at the top of an existing report this run could not replace."""
+        from ablate.report import mark_stale
+
+        try:
+            mark_stale(self.paths.report, f"The run of {time.strftime('%Y-%m-%d %H:%M')} could not replace "
+                                          f"this report: {why}. Its numbers are from an earlier run.")
+        except OSError as exc:
+            self.ui.warn(f"could not mark {self.paths.report} as stale ({exc})")
 
     def _run_locked(self, corpus_cls, t_start: float) -> dict:
         store.remove_temps(self.paths.run_dir)  # half-written files of a killed run
@@ -208,18 +282,28 @@ class Experiment:
             self._clear_fresh()
         store.write_json(self.paths.run_dir / "spec.resolved.json", self.spec.model_dump(mode="json", by_alias=True))
         cache, fresh, device = self.paths.cache, self.fresh, self.device
+        self.activity = "the corpus stage"
         with meter.measure(device) as use:
             r_corpus, corpus = stages.corpus_stage(cache, corpus_cls, self.corpus_params, self.ui, fresh)
         self._record(r_corpus, use, r_corpus.info["train_tokens"] + r_corpus.info["val_tokens"])
-        self.teacher.check(corpus.vocab_size)
+        imported = self.spec.oracle.source == "files"
+        if not imported:
+            self.teacher.check(corpus.vocab_size)
+        self._check_tokenizers(corpus.tokenizer_path)  # a tokenizer known only after tokenising
         stages.check_lengths(self.spec, self.teacher, corpus)
+        self.activity = "the backbone stage"
         with meter.measure(device) as use:
             r_bb = stages.backbone_stage(cache, self.spec, r_corpus, corpus, device, self.ui, fresh)
         self._record(r_bb, use, r_bb.info.get("train_tokens"))
+        self.activity = "the teacher stage"
         with meter.measure(device) as use:
-            r_teacher, teacher_ctx = stages.teacher_stage(cache, self.teacher, r_corpus, corpus, device, self.spec.seed,
-                                                          self.ui, fresh)
+            if imported:  # the oracle comes from files: no teacher to prepare
+                r_teacher, teacher_ctx = stages.StageResult("teacher", "", None, True, 0.0, {"skipped": "oracle from files"}), None
+            else:
+                r_teacher, teacher_ctx = stages.teacher_stage(cache, self.teacher, r_corpus, corpus, device,
+                                                              self.spec.seed, self.ui, fresh)
         self._record(r_teacher, use, r_teacher.info.get("train_tokens"))
+        self.activity = "the oracle stage"
         with meter.measure(device) as use:
             r_oracle, oracle = stages.oracle_stage(cache, self.spec, self.teacher, r_teacher, teacher_ctx, r_corpus,
                                                    corpus, device, self.ui, fresh)
@@ -233,11 +317,15 @@ class Experiment:
                       if r.get("status") == "done" and not r.get("cached"))
         self._record(stages.StageResult("cells", "", self.paths.run_dir / "cells", all_cached, use.seconds,
                                         {"compile_cache": dict(self.compile_cache)}), use, trained)
+        self.activity = "the probes"
         with meter.measure(device) as use:
-            probe_metrics, pairs, probes_cached = self._run_probes(corpus, r_bb, r_oracle, variants, cell_records)
+            probe_metrics, pairs, failed_probes, probes_cached = self._run_probes(corpus, r_bb, r_oracle, variants,
+                                                                                  cell_records)
         self._record(stages.StageResult("probes", "", self.paths.run_dir, probes_cached, use.seconds), use, None)
         self._check_stop()
-        results = self._results(corpus, r_teacher, r_oracle, oracle, cell_records, probe_metrics, pairs, t_start)
+        self.activity = "writing results.json and the report"
+        results = self._results(corpus, r_teacher, r_oracle, oracle, cell_records, probe_metrics, pairs,
+                                failed_probes, t_start)
         store.write_json(self.paths.run_dir / "results.json", results)
         from ablate.report import render_report
 
@@ -263,7 +351,7 @@ class Experiment:
         their cache entries) as the run reaches them. Other runs' artifacts are untouched."""
         cells_dir = self.paths.run_dir / "cells"
         if cells_dir.exists():
-            shutil.rmtree(cells_dir)
+            store.remove_tree(cells_dir, self.paths.run_dir)
         (self.paths.run_dir / "probes.json").unlink(missing_ok=True)
 
     # --------------------------------------------------------------------------- cells
@@ -308,6 +396,7 @@ class Experiment:
     def _train_cell(self, cell, cell_dir: Path, ident: dict, corpus, r_bb, variants) -> dict:
         from ablate.train import train_cell
 
+        self.activity = f"training cell {cell.name!r}"
         resume = cellmod.prepare_dir(cell_dir, ident, self.ui.warn)
         variant = variants[cell.oracle]
         student = cellmod.build_student(self.spec, cell, r_bb.path, corpus.vocab_size, variant.table, self.device)
@@ -316,8 +405,12 @@ class Experiment:
             (cell_dir / cellmod.STATE_FILE).unlink()
             resume = None
         obj_cls = self.registry.get("objective", cell.objective.name)
-        objective = obj_cls(obj_cls.Params.model_validate(cell.objective.params()),
-                            ObjectiveContext(corpus.vocab_size, corpus.frequencies))
+        try:
+            objective = obj_cls(obj_cls.Params.model_validate(cell.objective.params()),
+                                ObjectiveContext(corpus.vocab_size, corpus.frequencies))
+        except Exception as exc:  # the plugin's own failure: this cell fails, the others run
+            return self._plugin_failure(cell, PluginFault("objective", cell.objective.name, "in its constructor", exc),
+                                        None)
         cfg = cellmod.train_config(self.spec, cell, self.device)
         sidecar = variant.sidecar.to(self.device) if obj_cls.needs_sidecar else None
         total = cfg.steps * cfg.batch * cfg.seq_len
@@ -335,6 +428,8 @@ class Experiment:
                     progress(resume["step"] * cfg.batch * cfg.seq_len)
                 outcome = train_cell(student, objective, corpus.train, corpus.val, sidecar, cfg, self.device,
                                      progress=progress, should_stop=self.stop, resume_state=resume, save_state=save)
+        except PluginFault as fault:
+            return self._plugin_failure(cell, fault, saved_step[0])
         except NumericalFault as fault:
             state_file = cell_dir / cellmod.STATE_FILE
             kept = (f"last good checkpoint: step {saved_step[0]}" if saved_step[0] is not None
@@ -351,6 +446,14 @@ class Experiment:
                               {"objective_formula": objective.formula(), "device": str(self.device),
                                "peak_gpu_allocated_gib": use.as_dict()["peak_gpu_allocated_gib"]})
         return self._load_record(cell, cell_dir, cached=False)
+
+    def _plugin_failure(self, cell, fault: PluginFault, checkpoint_step: int | None) -> dict:
+        """The record of a cell whose objective raised; its last checkpoint (if any) is kept."""
+        kept = f"last good checkpoint: step {checkpoint_step}" if checkpoint_step is not None else "no checkpoint yet"
+        self.ui.warn(f"cell {cell.name} failed: {fault}; {kept}. The other cells still run.")
+        step = fault.where.removeprefix("at step ")
+        return {"status": "failed", "error": f"{fault}; {kept}", "step": int(step) if step.isdigit() else None,
+                "checkpoint_step": checkpoint_step}
 
     def _load_record(self, cell, cell_dir: Path, cached: bool) -> dict:
         outcome = store.read_json(cell_dir / "outcome.json")
@@ -403,14 +506,16 @@ class Experiment:
         return cached if isinstance(cached, dict) and cached.get("key") == key else None
 
     def _run_probes(self, corpus, r_bb, r_oracle, variants, records):
-        """→ (per-cell metrics, pair results, cached?)."""
+        """→ (per-cell metrics, pair results, failed probes, cached?). A probe that raises is that
+        probe's failure (recorded with its error), not the run's; results with a failure are not
+        cached, so the next run retries the probe."""
         done = [c for c in self.spec.cells if records.get(c.name, {}).get("status") == "done"]
         probe_names = sorted(self.registry.names("probe"))
         probe_key = self._probe_key({c.name: records[c.name]["dir"] for c in done})
         cached = self._cached_probes(probe_key)
         if cached is not None:
             self.ui.info("[green]✓[/] probes cached")
-            return cached["cells"], cached["pairs"], True
+            return cached["cells"], cached["pairs"], [], True
         batches, rows = self._probe_batches(corpus, r_oracle)
         views: dict[str, CellView] = {}
         sidecars = {v: variants[v].sidecar.to(self.device) for v in {c.oracle for c in done}}  # one copy per variant
@@ -421,28 +526,44 @@ class Experiment:
             views[c.name] = CellView(c.name, c.model_dump(mode="json"), student, rec["history"], rec["evals"], batches,
                                      rows, sidecars[c.oracle], self.device)
         cell_metrics: dict[str, dict[str, float]] = {name: {} for name in views}
-        pair_results = []
+        failures: list[dict] = []
+
+        def attempt(probe_cls, *cells: CellView) -> dict[str, float]:
+            name = probe_cls.name
+            self.activity = f"probe {name!r} on {' vs '.join(v.name for v in cells)}"
+            try:
+                return _finite_only(probe_cls(probe_cls.Params()).run(*cells))
+            except Exception as exc:  # the probe's own failure: its metrics are missing, the rest land
+                error = f"{type(exc).__name__}: {str(exc).strip() or '(no message)'}"
+                source = self.registry.components["probe"][name].source
+                failures.append({"probe": name, "source": source, "cells": [v.name for v in cells], "error": error})
+                self.ui.warn(f"probe {name!r} ({source}) failed on {' vs '.join(v.name for v in cells)}: {error}")
+                return {}
+
         probes = [self.registry.get("probe", n) for n in probe_names]
         with self.ui.stage("probes", len(views) * len(probes), "probes") as progress:
             for probe_cls in probes:
-                probe = probe_cls(probe_cls.Params())
-                if probe.scope == "cell":
+                if probe_cls.scope == "cell":
                     for name, view in views.items():
-                        cell_metrics[name].update(_finite_only(probe.run(view)))
+                        cell_metrics[name].update(attempt(probe_cls, view))
                         progress(1)
+        pair_results = []
         for real, control in self.pairs():
             if real in views and control in views:
                 metrics: dict[str, float] = {}
                 for probe_cls in probes:
                     if probe_cls.scope == "pair":
-                        metrics.update(_finite_only(probe_cls(probe_cls.Params()).run(views[real], views[control])))
+                        metrics.update(attempt(probe_cls, views[real], views[control]))
                 pair_results.append({"real": real, "shuffled": control, "metrics": metrics})
-        store.write_json(self.paths.run_dir / "probes.json", {"key": probe_key, "cells": cell_metrics, "pairs": pair_results})
-        return cell_metrics, pair_results, False
+        if not failures:
+            store.write_json(self.paths.run_dir / "probes.json",
+                             {"key": probe_key, "cells": cell_metrics, "pairs": pair_results})
+        return cell_metrics, pair_results, failures, False
 
     # ------------------------------------------------------------------------- results
 
-    def _results(self, corpus, r_teacher, r_oracle, oracle, records, cell_metrics, pairs, t_start) -> dict:
+    def _results(self, corpus, r_teacher, r_oracle, oracle, records, cell_metrics, pairs, failed_probes,
+                 t_start) -> dict:
         from ablate import verdict
 
         spec = self.spec
@@ -465,10 +586,14 @@ class Experiment:
                 thresholds.append(verdict.evaluate_spec_rule(th.name, th.metric, cell, value, th.break_if, names,
                                                              meanings.get(th.metric, "")))
         combination = {}
+        strong_bounds = [(b, {c.name for n in b.cells for c in cells_for(spec, n)})
+                         for b in spec.combine.strong_bounds(spec.thresholds)]
         for cell in spec.cells:
             own = [t for t in thresholds if t["cell"] == cell.name]
-            if own:
-                combination[cell.name] = verdict.combine(own, spec.combine.soft_at, spec.combine.broken_at, spec.combine.strong)
+            strong = [verdict.strong_result(b.metric, cell.name, metrics.get(cell.name, {}).get(b.metric), b.strong_if,
+                                            names) for b, cells in strong_bounds if cell.name in cells]
+            if own or strong:
+                combination[cell.name] = verdict.combine(own, spec.combine.soft_at, spec.combine.broken_at, strong)
         discriminator = []
         for real, shuf in discriminated_pairs(spec):
             if real not in combination or shuf not in combination:
@@ -498,7 +623,7 @@ class Experiment:
             }
         results = {
             "schema_version": RESULTS_SCHEMA_VERSION,
-            "name": spec.name, "description": spec.description,
+            "name": spec.name, "description": spec.description, "numerics": spec.numerics,
             "conventions": CONVENTIONS,
             "spec": spec.model_dump(mode="json", by_alias=True, exclude={"profiles"}),
             "axes": spec.axes.model_dump(),
@@ -507,7 +632,7 @@ class Experiment:
                        for n, r in self.stage_results.items()},
             "teacher": stages.json_safe(r_teacher.info),
             "oracle": stages.json_safe(oracle.stats),
-            "cells": cells_out, "pairs": pairs,
+            "cells": cells_out, "pairs": pairs, "failed_probes": failed_probes,
             "thresholds": thresholds, "combination": combination, "discriminator": discriminator,
             "metric_meanings": meanings, "bound_names": names,
             "provenance": provenance.collect(self.registry, self.device, spec.seed, self.command, t_start,
@@ -518,6 +643,15 @@ class Experiment:
 
             results["expectations"] = check_expectations(spec.expect, results, names)
         return results
+
+
+def corpus_params(spec: Spec, corpus_cls) -> dict:
+    """The corpus plugin's parameters from the spec; under numerics = "upstream" a corpus that
+    splits one stream defaults to the reference's chunk-aligned validation split."""
+    params = spec.corpus.params()
+    if spec.numerics == "upstream" and "val_split" in corpus_cls.Params.model_fields:
+        params.setdefault("val_split", "chunks")
+    return params
 
 
 def discriminated_pairs(spec: Spec) -> list[tuple[str, str]]:
@@ -563,6 +697,18 @@ def _check_paths(params, where: str) -> None:
                                  f"(relative paths are read from the directory you run ablate in).")
 
 
+def _hint(exc: Exception) -> str:
+    """A sentence on the likely fix of a known kind of failure, else ''."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text:
+        return ("The GPU ran out of memory: lower train.batch or train.seq_len (or oracle.batch), or free the GPU "
+                "of other processes. ")
+    if "CUDA" in text or "cuda" in text:
+        return ("A CUDA error leaves the process's GPU state unusable; the next run starts a fresh process. "
+                "Rerun with CUDA_LAUNCH_BLOCKING=1 to find the failing kernel if it repeats. ")
+    return ""
+
+
 def _if_identical(upstream: list[str]) -> str:
     return f" if {' and '.join(upstream)} rebuild{'s' if len(upstream) == 1 else ''} with identical data" if upstream else ""
 
@@ -590,5 +736,5 @@ def unmet_expectations(results: dict) -> list[dict]:
 
 
 def exit_code(results: dict) -> int:
-    return 1 if failed_cells(results) or unmet_expectations(results) else 0
+    return 1 if failed_cells(results) or unmet_expectations(results) or results.get("failed_probes") else 0
 

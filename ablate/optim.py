@@ -16,8 +16,10 @@ rows/cols)·X):
   apart (at ‖B‖ = 1e-7). torch's default eps = 1e-7 would give min(1, ‖B‖/2e-6), up to 20×
   too small for ‖B‖ < 2e-6 — the regime of W_align's first gradients (§3) — so this
   deliberately departs from passing eps=1e-7.
-- Precision: torch runs the Newton–Schulz iterations in bfloat16 (as the upstream Muon does) and
-  adds the bf16 update to the fp32 weight.
+- Precision: torch runs the Newton–Schulz iterations in bfloat16 and adds the bf16 update to the
+  fp32 weight. The reference runs them in float32 (reference §11.4: ≈2% relative difference per
+  update); `numerics = "upstream"` uses `ReferenceMuon`, the reference's update exactly as §5.2
+  writes it, in float32 (torch.optim.Muon has no float32 Newton–Schulz, hence our own).
 """
 
 from __future__ import annotations
@@ -57,24 +59,64 @@ def partition(named_params: Iterable[tuple[str, nn.Parameter]]
     return muon, adam
 
 
+def newton_schulz(buffer: torch.Tensor, steps: int = MUON_NS_STEPS, eps: float = REFERENCE_NS_EPS) -> torch.Tensor:
+    """The reference's orthogonalisation of a 2-D buffer [rows, cols], in the buffer's dtype: a
+    tall matrix is transposed, X ← X/(‖X‖_F + eps), then `steps` times X ← aX + b(XXᵀ)X + c(XXᵀ)²X."""
+    a, b, c = MUON_NS_COEFFICIENTS
+    tall = buffer.shape[0] > buffer.shape[1]
+    x = buffer.mT if tall else buffer
+    x = x / (torch.linalg.matrix_norm(x) + eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+class ReferenceMuon(torch.optim.Optimizer):
+    """Muon as the reference runs it (§5.2, §11.4), in float32: buffer ← 0.95·buffer + grad;
+    p ← p − lr·√max(1, rows/cols)·NS₅(buffer). No Nesterov, no weight decay."""
+
+    def __init__(self, params, lr: float, momentum: float = MUON_MOMENTUM):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                buffer = state["momentum_buffer"].mul_(group["momentum"]).add_(p.grad.float())
+                scale = math.sqrt(max(1.0, p.shape[0] / p.shape[1]))
+                p.add_(newton_schulz(buffer).to(p.dtype), alpha=-group["lr"] * scale)
+
+
 class CellOptimizer:
     """Muon + Adam sharing one learning rate, driven as one optimiser.
 
     named_params: (name, parameter) pairs of the trainable parameters (see `partition`).
+    numerics: "ablate" (torch.optim.Muon, bf16 Newton–Schulz) or "upstream" (ReferenceMuon).
     """
 
-    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], lr: float):
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], lr: float, numerics: str = "ablate"):
         muon_params, adam_params = partition(named_params)
         if not muon_params and not adam_params:
             raise InputError(
                 "the cell optimiser got no trainable parameters; check that the student "
                 "exposes its engram parameters through trainable_named_parameters()."
             )
-        self.muon = torch.optim.Muon(
-            muon_params, lr=lr, momentum=MUON_MOMENTUM, nesterov=False, weight_decay=0.0,
-            ns_coefficients=MUON_NS_COEFFICIENTS, eps=(1 - MUON_MOMENTUM) * REFERENCE_NS_EPS,
-            ns_steps=MUON_NS_STEPS, adjust_lr_fn="original",
-        ) if muon_params else None
+        if not muon_params:
+            self.muon = None
+        elif numerics == "upstream":
+            self.muon = ReferenceMuon(muon_params, lr=lr)
+        else:
+            self.muon = torch.optim.Muon(
+                muon_params, lr=lr, momentum=MUON_MOMENTUM, nesterov=False, weight_decay=0.0,
+                ns_coefficients=MUON_NS_COEFFICIENTS, eps=(1 - MUON_MOMENTUM) * REFERENCE_NS_EPS,
+                ns_steps=MUON_NS_STEPS, adjust_lr_fn="original",
+            )
         self.adam = torch.optim.Adam(
             adam_params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0,
         ) if adam_params else None

@@ -38,6 +38,7 @@ STATS_FILE = "stats.json"
 TABLE_KEY = "engram.weight"
 COUNTS_KEY = "engram.counts"
 SIDECAR_KEY = "teacher_logits.weight"
+TWIN_DIR = "shuffled"  # a given shuffled twin, saved beside the oracle
 
 
 @dataclass
@@ -56,18 +57,22 @@ class OracleConfig:
     cos_sample: int = 2000  # populated rows sampled for the pairwise |cos| statistics
     cos_seed: int = 0
     max_tokens: int | None = None  # stop after this many tokens; None = the whole stream
+    numerics: str = "ablate"  # "upstream": float32 row means and scikit-learn's IncrementalPCA (§11.4)
 
 
 @dataclass
 class Oracle:
     """table [rows, E] float32, sidecar [rows, V] float32, populated [rows] bool,
-    counts [rows] int64 (row updates per row); all on CPU. Unpopulated rows are exactly 0."""
+    counts [rows] int64 (row updates per row); all on CPU. Unpopulated rows are exactly 0.
+    shuffled_twin: a given shuffled control (an imported reference twin, ablate.oracle_files),
+    used instead of shuffled(oracle, shuffle_seed); None for a computed oracle."""
 
     table: torch.Tensor
     sidecar: torch.Tensor
     populated: torch.Tensor
     counts: torch.Tensor
     stats: dict[str, Any] = field(default_factory=dict)
+    shuffled_twin: Oracle | None = None
 
 
 # ------------------------------------------------------------------------------ accumulation
@@ -145,15 +150,61 @@ class RowAccumulator:
 
 @dataclass
 class PCA:
-    """mean [D] float64, components [k, D] float64 (orthonormal rows)."""
+    """mean [D] float64, components [k, D] float64 (orthonormal rows); or a fitted scikit-learn
+    IncrementalPCA (`fitted`, numerics = "upstream") whose own transform projects."""
 
     mean: torch.Tensor
     components: torch.Tensor
     explained_variance_ratio_total: float
+    fitted: Any = None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, D] → (x − mean) @ componentsᵀ, [N, k] float64."""
+        """x [N, D] → (x − mean) @ componentsᵀ, [N, k] float64 (scikit-learn's transform of float32
+        x, as the reference projects, when `fitted`)."""
+        if self.fitted is not None:
+            return torch.from_numpy(self.fitted.transform(x.detach().to("cpu", torch.float32).numpy()))
         return (x.to(torch.float64) - self.mean) @ self.components.T
+
+
+def pca_subset(n_rows: int, sample_min: int, sample_frac: float, seed: int) -> np.ndarray:
+    """Indices of the PCA fit subset: max(sample_min, min(P, ⌊frac·P⌋)) capped at P rows, drawn
+    without replacement with numpy default_rng(seed), in draw order (§4.3)."""
+    size = min(n_rows, max(sample_min, min(n_rows, math.floor(sample_frac * n_rows))))
+    return np.random.default_rng(seed).choice(n_rows, size=size, replace=False)
+
+
+def fit_incremental_pca(rows: torch.Tensor, n_components: int, sample_min: int, sample_frac: float, seed: int,
+                        batch: int = 512) -> PCA:
+    """The reference's PCA (numerics = "upstream"): scikit-learn's IncrementalPCA on the same
+    subset as fit_pca, as float32, partial fits of `batch` rows in subset order, a final chunk
+    shorter than n_components dropped (§4.3, §11.4)."""
+    try:
+        from sklearn.decomposition import IncrementalPCA
+    except ImportError as exc:
+        raise InputError('numerics = "upstream" fits the oracle PCA with scikit-learn\'s IncrementalPCA, which is '
+                         "not installed. Install it with: pip install 'ablate[upstream]' (or pip install "
+                         'scikit-learn), or use numerics = "ablate".') from exc
+    subset = rows.detach().to("cpu", torch.float32).numpy()[pca_subset(rows.shape[0], sample_min, sample_frac, seed)]
+    _check_pca_size(len(subset), rows.shape[1], n_components)
+    ipca = IncrementalPCA(n_components=n_components)
+    for start in range(0, len(subset), batch):
+        chunk = subset[start:start + batch]
+        if len(chunk) < n_components:
+            break
+        ipca.partial_fit(chunk)
+    return PCA(mean=torch.from_numpy(np.asarray(ipca.mean_, dtype=np.float64)),
+               components=torch.from_numpy(np.asarray(ipca.components_, dtype=np.float64)),
+               explained_variance_ratio_total=float(ipca.explained_variance_ratio_.sum()), fitted=ipca)
+
+
+def _check_pca_size(size: int, dim: int, n_components: int) -> None:
+    if n_components > min(size, dim):
+        raise InputError(
+            f"PCA to engram_dim={n_components} needs at least {n_components} populated oracle rows and a "
+            f"teacher hidden size of at least {n_components}, but the fit subset has {size} row(s) of "
+            f"dimension {dim}. Use a larger corpus (or max_tokens), more rows, a wider teacher, or a "
+            "smaller engram_dim."
+        )
 
 
 def fit_pca(rows: torch.Tensor, n_components: int, sample_min: int, sample_frac: float, seed: int) -> PCA:
@@ -166,16 +217,9 @@ def fit_pca(rows: torch.Tensor, n_components: int, sample_min: int, sample_frac:
     component's largest-magnitude entry is positive. The explained-variance ratio total is
     Σ top-k σ² / Σ all σ².
     """
-    n_rows, dim = rows.shape
-    size = min(n_rows, max(sample_min, min(n_rows, math.floor(sample_frac * n_rows))))
-    if n_components > min(size, dim):
-        raise InputError(
-            f"PCA to engram_dim={n_components} needs at least {n_components} populated oracle rows and a "
-            f"teacher hidden size of at least {n_components}, but the fit subset has {size} row(s) of "
-            f"dimension {dim}. Use a larger corpus (or max_tokens), more rows, a wider teacher, or a "
-            "smaller engram_dim."
-        )
-    pick = np.random.default_rng(seed).choice(n_rows, size=size, replace=False)
+    pick = pca_subset(rows.shape[0], sample_min, sample_frac, seed)
+    size = len(pick)
+    _check_pca_size(size, rows.shape[1], n_components)
     subset = rows.detach().to("cpu", torch.float64)[torch.from_numpy(pick)]
     mean = subset.mean(dim=0)
     _, sigma, vh = torch.linalg.svd(subset - mean, full_matrices=False)
@@ -227,12 +271,47 @@ def _check_outputs(teacher: LoadedTeacher, tokens: torch.Tensor, hidden: torch.T
         )
 
 
+class NextTokenScore:
+    """The teacher's next-token cross-entropy and top-1 accuracy on the tokens it reads, from the
+    logits the oracle pass already has (no extra forward). Sums stay on the logits' device
+    (nll float64, correct int64; no host sync per batch); `stats()` reads them once at the end."""
+
+    def __init__(self, device: torch.device | str, chunk: int = 4096):
+        self.nll = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = 0
+        self.chunk = chunk  # positions per log-sum-exp, bounding its [chunk, V] temporary
+
+    def add(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """logits [B, T, V] at each position t scored against the next token tokens[:, t + 1]
+        (tokens [B, T] int64): B·(T − 1) predictions per batch."""
+        b, t = tokens.shape
+        targets = tokens[:, 1:].to(logits.device)
+        for i in range(b):
+            for start in range(0, t - 1, self.chunk):
+                z = logits[i, start:min(start + self.chunk, t - 1)]  # [n, V], a contiguous view
+                y = targets[i, start:start + z.shape[0]]  # [n]
+                top, argmax = z.max(dim=1)  # [n]: the log-sum-exp's shift and the top-1 prediction
+                lse = top + (z - top.unsqueeze(1)).exp_().sum(dim=1).log()
+                self.nll += (lse - z.gather(1, y.unsqueeze(1)).squeeze(1)).sum(dtype=torch.float64)
+                self.correct += (argmax == y).sum()
+        self.count += b * (t - 1)
+
+    def stats(self) -> dict[str, Any]:
+        """teacher_ce (nats per token), teacher_top1 (fraction), teacher_tokens (predictions)."""
+        n = self.count
+        return {"teacher_ce": self.nll.item() / n if n else None,
+                "teacher_top1": self.correct.item() / n if n else None, "teacher_tokens": n}
+
+
 def accumulate(teacher: LoadedTeacher, stream: torch.Tensor, cfg: OracleConfig, device: torch.device | str,
-               progress: Progress = no_progress) -> tuple[RowAccumulator, RowAccumulator, int]:
+               progress: Progress = no_progress, score: NextTokenScore | None = None
+               ) -> tuple[RowAccumulator, RowAccumulator, int]:
     """Run the teacher over the stream [N] int64 and sum its outputs per hashed row.
 
     Returns (hidden accumulator [rows, H] float64 sums, sidecar accumulator [rows, V] float32
-    sums, tokens processed). Both live on `device`.
+    sums, tokens processed). Both live on `device`. With `score`, the teacher's next-token
+    predictions on the same batches are scored into it.
     """
     hidden_acc = RowAccumulator(cfg.rows, teacher.hidden_size, device, torch.float64)
     sidecar_acc = RowAccumulator(cfg.rows, teacher.vocab_size, device, torch.float32)
@@ -242,6 +321,8 @@ def accumulate(teacher: LoadedTeacher, stream: torch.Tensor, cfg: OracleConfig, 
         with torch.inference_mode():
             hidden, logits = teacher.forward(tokens)
             _check_outputs(teacher, tokens, hidden, logits)
+            if score is not None:
+                score.add(logits, tokens)
             rows = row_ids(tokens, cfg.rows, cfg.seeds, cfg.orders).flatten(0, 1)  # [B·T, C]
             hidden_flat = hidden.flatten(0, 1)
             logits_flat = logits.flatten(0, 1)
@@ -286,7 +367,10 @@ def assemble_oracle(hidden_acc: RowAccumulator, sidecar_acc: RowAccumulator, cfg
     counts = hidden_acc.row_counts().cpu()
     if not populated.any():
         raise InputError("The oracle pass populated no rows: the stream has no n-grams. Use a longer seq_len or corpus.")
-    pca = fit_pca(hidden_mean[populated], cfg.engram_dim, cfg.pca_sample_min, cfg.pca_sample_frac, cfg.pca_seed)
+    if cfg.numerics == "upstream":  # the reference stores the row means as float32, then fits scikit-learn's PCA
+        hidden_mean = hidden_mean.float()
+    fit = fit_incremental_pca if cfg.numerics == "upstream" else fit_pca
+    pca = fit(hidden_mean[populated], cfg.engram_dim, cfg.pca_sample_min, cfg.pca_sample_frac, cfg.pca_seed)
     table = torch.zeros(cfg.rows, cfg.engram_dim, dtype=torch.float32)
     table[populated] = pca.project(hidden_mean[populated]).to(torch.float32)
     observed = counts[populated].to(torch.float64)
@@ -310,14 +394,16 @@ def assemble_oracle(hidden_acc: RowAccumulator, sidecar_acc: RowAccumulator, cfg
 def build_oracle(teacher: LoadedTeacher, stream: torch.Tensor, cfg: OracleConfig, device: torch.device | str,
                  progress: Progress = no_progress) -> Oracle:
     """The whole oracle pass: teacher over stream [N] int64 → Oracle (tensors on CPU).
-    `seconds` and `tokens_per_s` time the teacher pass (PCA excluded)."""
+    `seconds` and `tokens_per_s` time the teacher pass (PCA excluded); teacher_ce, teacher_top1
+    and teacher_tokens score the teacher's next-token predictions on the tokens it read."""
     t0 = time.perf_counter()
-    hidden_acc, sidecar_acc, n_tokens = accumulate(teacher, stream, cfg, device, progress)
+    score = NextTokenScore(device)
+    hidden_acc, sidecar_acc, n_tokens = accumulate(teacher, stream, cfg, device, progress, score)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     stats = {"teacher": dict(teacher.info), "layer": teacher.info.get("layer"), "tokens": n_tokens,
-             "seconds": seconds, "tokens_per_s": n_tokens / seconds if seconds > 0 else None}
+             "seconds": seconds, "tokens_per_s": n_tokens / seconds if seconds > 0 else None, **score.stats()}
     return assemble_oracle(hidden_acc, sidecar_acc, cfg, stats)
 
 
@@ -366,8 +452,11 @@ def _check_shapes(table: torch.Tensor, sidecar: torch.Tensor, counts: torch.Tens
 
 def save_oracle(oracle: Oracle, directory: Path | str) -> None:
     """Write sidecar.safetensors, table.safetensors (engram.weight + engram.counts), then
-    stats.json, each to a temporary name renamed into place (sidecar first, stats last)."""
+    stats.json, each to a temporary name renamed into place (sidecar first, stats last); a
+    shuffled twin goes to the subdirectory shuffled/ in the same layout."""
     directory = Path(directory)
+    if oracle.shuffled_twin is not None:
+        save_oracle(oracle.shuffled_twin, directory / TWIN_DIR)
     _check_shapes(oracle.table, oracle.sidecar, oracle.counts, f"to save in {directory}")
     if not torch.equal(oracle.populated, oracle.counts > 0):
         raise InputError(f"Oracle to save in {directory}: the populated mask disagrees with the row counts.")
@@ -396,8 +485,10 @@ def _tensor(tensors: dict[str, torch.Tensor], key: str, path: Path) -> torch.Ten
 
 
 def load_oracle(directory: Path | str) -> Oracle:
-    """Read an oracle written by `save_oracle`; missing, corrupt or inconsistent files → InputError."""
+    """Read an oracle written by `save_oracle` (its shuffled/ twin too, when present); missing,
+    corrupt or inconsistent files → InputError."""
     directory = Path(directory)
+    twin = load_oracle(directory / TWIN_DIR) if (directory / TWIN_DIR).is_dir() else None
     table_path, sidecar_path, stats_path = directory / TABLE_FILE, directory / SIDECAR_FILE, directory / STATS_FILE
     table_file = _read(table_path, lambda p: load_file(str(p)))
     sidecar_file = _read(sidecar_path, lambda p: load_file(str(p)))
@@ -405,4 +496,4 @@ def load_oracle(directory: Path | str) -> Oracle:
     table, counts = _tensor(table_file, TABLE_KEY, table_path), _tensor(table_file, COUNTS_KEY, table_path)
     sidecar = _tensor(sidecar_file, SIDECAR_KEY, sidecar_path)
     _check_shapes(table, sidecar, counts, f"in {directory}")
-    return Oracle(table=table, sidecar=sidecar, populated=counts > 0, counts=counts, stats=stats)
+    return Oracle(table=table, sidecar=sidecar, populated=counts > 0, counts=counts, stats=stats, shuffled_twin=twin)

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from ablate import plots, store
 from ablate.spec import base_name
-from ablate.verdict import agreement, describe_rule, fmt, fmt_gap, row_decimals
+from ablate.verdict import agreement, describe_rule, fmt, fmt_gap, read_battery, row_decimals
 
 CONTENT_GAIN_CONVENTION = (
     "content_gain = val_loss(shuffled-oracle cell) − val_loss(real-oracle cell): positive when the real "
@@ -28,6 +28,7 @@ DASH = "—"
 # such as "S[row]/T" is never mistaken for a path).
 ABS_PATH = re.compile(r"(?<![\w.~/\-])(/([\w.@+\-]+)/(?:[\w.@+\-]+/)*[\w.@+\-]*)")
 KL_ROWS = 7  # logged steps shown per cell in the KL trajectory table
+BATTERY_LAYER = re.compile(r"inj_axis_rms_L(\d+)")  # a layer the injection battery measured
 
 
 # ------------------------------------------------------------------------------ formatting
@@ -147,15 +148,33 @@ def _header(r: dict, t: Text) -> str:
     axes = r.get("axes") or {}
     if axes:
         lines += ["", "Axes: " + "; ".join(f"{k}: {t.scrub(str(v))}" for k, v in axes.items())]
+    numerics = r.get("numerics", "ablate")
+    lines += ["", f"Numerics: **{numerics}** — " + (
+        "every choice of reference §11.4 made as the reference makes it (docs/fidelity.md)" if numerics == "upstream"
+        else "ablate's documented choices; `numerics = \"upstream\"` reproduces the reference's (docs/fidelity.md)")]
     if (r.get("teacher") or {}).get("random_weights"):
         lines += ["", "> **WARNING: the teacher has RANDOM weights** (`random_init = true`): the oracle and "
                       "its sidecar carry no knowledge, so no verdict below says anything about the research "
                       "question. This run measures speed and plumbing only."]
+    lines += _teacher_banners(r, t)
     failed = [(n, c) for n, c in r["cells"].items() if c.get("status") != "done"]
     for name, cell in failed:
         error = f": {t.scrub(cell['error'])}" if cell.get("error") else ""
         lines += ["", f"**Cell {name} {cell.get('status')}**{error}"]
+    if r.get("failed_probes"):
+        lines += ["", f"**{len(r['failed_probes'])} probe run(s) failed**: their metrics are missing, and every "
+                      "threshold that needs one reads MISSING (see *Failed probes*)."]
     return "\n".join(lines).strip()
+
+
+def _failed_probes(r: dict, t: Text) -> str:
+    rows = [[f"`{f['probe']}`", t.scrub(f.get("source", "")), ", ".join(f["cells"]), t.scrub(f["error"])]
+            for f in r.get("failed_probes") or []]
+    if not rows:
+        return ""
+    return "\n".join(["## Failed probes", "", "Each raised on the cells named; every other probe's metrics landed. "
+                      "Fix the plugin and rerun the same command: finished cells are reused and the probes rerun.",
+                      "", table(["probe", "provided by", "cells", "error"], rows)])
 
 
 def _conventions(r: dict, t: Text) -> str:
@@ -244,8 +263,36 @@ def _combination(r: dict, t: Text) -> str:
     rows = [[cell, t.cell(c["crossed"]), t.cell(c["total"]), t.cell(c.get("missing", 0)), f"**{c['label']}**",
              t.cell(c.get("strong", False)), t.cell(", ".join(c.get("crossed_names", [])) or DASH)]
             for cell, c in comb.items()]
-    return "\n".join(["## Combination per cell", "",
-                      table(["cell", "crossed", "of", "missing", "label", "strong", "crossed thresholds"], rows)])
+    lines = ["## Combination per cell", "",
+             table(["cell", "crossed", "of", "missing", "label", "strong", "crossed thresholds"], rows)]
+    strong = [f"- **{cell}**: {t.scrub(b['sentence'])}" for cell, c in comb.items() for b in c.get("strong_results", [])]
+    if strong:
+        lines += ["", "Strong-result bounds ([combine] strong; not counted as crossings):", "", *strong]
+    return "\n".join(lines)
+
+
+def _battery_readings(r: dict, t: Text) -> str:
+    """The η-B rubric (ablate.verdict.BATTERY_RUBRIC) read per pair, injection layer and run, from
+    the cells' battery metrics and the pair's cross-run metrics; 'real / control' when the runs differ."""
+    cells, blocks = r["cells"], []
+    for pair in r.get("pairs", []):
+        runs = [{**cells.get(pair[k], {}).get("metrics", {}), **pair.get("metrics", {})} for k in ("real", "shuffled")]
+        layers = sorted({int(m[1]) for m in map(BATTERY_LAYER.fullmatch, runs[0]) if m})
+        if not layers:
+            continue
+        readings = {l: [read_battery(run, l) for run in runs] for l in layers}
+        rows = []
+        for topic in readings[layers[0]][0]:
+            words = [[run[topic] or "not measured" for run in readings[l]] for l in layers]
+            rows.append([topic, *(t.cell(w[0] if w[0] == w[1] else f"{w[0]} / {w[1]}") for w in words)])
+        blocks += [f"### {pair['real']} vs {pair['shuffled']}", "",
+                   table(["reading", *(f"L{l}" for l in layers)], rows), ""]
+    if not blocks:
+        return ""
+    return "\n".join(["## η-B battery readings", "",
+                      "Each reading per injection layer, from the battery metrics above and the rubric under "
+                      "Conventions (battery_rubric); \"real / control\" where the two runs read differently.",
+                      "", *blocks]).rstrip()
 
 
 def _discriminator(r: dict, t: Text) -> str:
@@ -375,8 +422,92 @@ def _key_values(title: str, d: dict, t: Text) -> str:
     return "\n".join([f"### {title}", "", table(["key", "value"], [[k, t.cell(v)] for k, v in flat.items()])])
 
 
+def _teacher_banners(r: dict, t: Text) -> list[str]:
+    """Warnings for a run allowed to go on with another tokenizer's corpus or an unhealthy teacher."""
+    oracle = r.get("oracle") or {}
+    tok, health = oracle.get("tokenizers") or {}, oracle.get("teacher_health") or {}
+    lines = []
+    if tok.get("match") is False:
+        digests = [t.value((tok.get(side) or {}).get("digest")) for side in ("corpus", "teacher")]
+        lines += ["", f"> **WARNING: the corpus and the teacher use DIFFERENT tokenizers** (`tokenizer_mismatch = "
+                      f'"allow"`; id→token digests {digests[0]} vs {digests[1]}): the teacher read the corpus\'s '
+                      "ids as other tokens, i.e. scrambled text, as in the reference's TinyLlama runs. "
+                      "Its oracle and sidecar carry no corpus signal, so no verdict below says anything about the "
+                      "research question."]
+    if health.get("passed") is False and not (r.get("teacher") or {}).get("random_weights"):
+        lines += ["", f"> **WARNING: the teacher failed its health check** (`teacher_health = \"allow\"`): its "
+                      f"next-token cross-entropy on the corpus, {t.value(oracle.get('teacher_ce'))} nats, is no "
+                      f"better than the bound {t.value(health.get('bound'))} (`teacher_max_ce = "
+                      f"{t.value(health.get('teacher_max_ce'))}`): {t.value(health.get('reading'))}."]
+    return lines
+
+
+def _teacher_reading(r: dict, t: Text) -> str:
+    """The teacher's next-token score in the oracle pass and the tokenizer comparison, in words."""
+    oracle = r.get("oracle") or {}
+    health, tok = oracle.get("teacher_health") or {}, oracle.get("tokenizers") or {}
+    lines = []
+    if oracle.get("teacher_ce") is not None:
+        verdict = {True: "passes", False: "**fails**", None: "not assessed"}[health.get("passed")]
+        lines.append(f"**Teacher health:** next-token cross-entropy {t.value(oracle['teacher_ce'])} nats, argmax "
+                     f"accuracy {t.value(oracle.get('teacher_top1'))}, over {t.value(oracle.get('teacher_tokens'))} "
+                     f"predictions of the oracle pass; ln V = {t.value(health.get('log_vocab'))}, corpus unigram "
+                     f"entropy {t.value(health.get('unigram_entropy'))}. Reading: {t.value(health.get('reading'))}. "
+                     f"It {verdict} the bound `teacher_max_ce = {t.value(health.get('teacher_max_ce'))}` = "
+                     f"{t.value(health.get('bound'))}.")
+    if tok:
+        def side(name):
+            d = tok.get(name)
+            if isinstance(d, dict):
+                return f"{t.value(d.get('digest'))} ({t.value(d.get('entries'))} entries, {t.value(d.get('file'))})"
+            return "the corpus's own ids (trained on them)" if d == "corpus" else "unknown"
+        match = {True: "identical", False: "**DIFFERENT**", None: "not compared (one side unknown)"}[tok.get("match")]
+        lines.append(f"**Tokenizers** (id→token digests): corpus {side('corpus')}; teacher {side('teacher')}: "
+                     f"{match}.")
+    return "\n\n".join(lines)
+
+
+# The reference's stats.json fields (§4.4) and ablate's own reading of the imported files.
+IMPORTED_FIELDS = ("teacher", "layer", "total_entries", "engram_dim", "hash_seeds", "populated_rows",
+                   "populated_fraction", "pca_explained_variance_ratio_total", "teacher_logits_sidecar")
+
+
+def _imported_oracle(r: dict, t: Text) -> str:
+    """For an oracle imported from files: where it came from and its stats.json beside ablate's checks."""
+    oracle = r.get("oracle") or {}
+    imported = oracle.get("imported")
+    if oracle.get("origin") != "files" or not isinstance(imported, dict):
+        return ""
+    files = imported.get("files") or {}
+    lines = ["### Oracle imported from files", "",
+             "Not computed by ablate: imported from the files below (checked: tensor names, shapes, dtypes, "
+             "finite values, equal populated masks of table and sidecar, rows and vocabulary against the spec). "
+             f"The sidecar file held {t.value(imported.get('sidecar_dtype'))}, upcast to float32; row counts are "
+             f"{t.value(imported.get('counts'))}.", ""]
+    lines += [f"- {role}: `{t.path(f.get('path'))}` (sha256 {t.value(str(f.get('sha256'))[:16])}…)"
+              for role, f in files.items() if isinstance(f, dict)]
+    twin = oracle.get("shuffled_twin") or {}
+    if twin.get("given"):
+        same = "is" if twin.get("matches_shuffle_seed") else "is **not**"
+        lines.append(f"- shuffled twin: the given files (one row permutation moving {t.value(twin.get('rows_moved'))} "
+                     f"rows; it {same} the permutation ablate draws from shuffle_seed {t.value(twin.get('shuffle_seed'))})")
+    else:
+        lines.append(f"- shuffled twin: built by ablate from shuffle_seed {t.value(twin.get('shuffle_seed'))}")
+    given = imported.get("stats")
+    if not isinstance(given, dict):
+        lines += ["", "No stats.json was given (set [oracle] stats, or keep `<table>.stats.json` beside the table)."]
+        return "\n".join(lines)
+    cos = oracle.get("pairwise_abs_cos") or {}
+    rows = [[f"`{k}`", t.cell(given.get(k)), t.cell(oracle.get(k) if k != "teacher" else None)]
+            for k in IMPORTED_FIELDS if k in given or k in oracle]
+    rows += [[f"`{k}`", t.cell(v), DASH] for k, v in given.items() if k not in IMPORTED_FIELDS]
+    rows += [[f"`pairwise_abs_cos.{k}`", DASH, t.cell(v)] for k, v in cos.items()]
+    return "\n".join([*lines, "", table(["field", "stats.json (imported)", "ablate's check of the files"], rows)])
+
+
 def _health(r: dict, t: Text) -> str:
-    parts = [_key_values("Teacher", r.get("teacher") or {}, t), _key_values("Oracle", r.get("oracle") or {}, t)]
+    parts = [_teacher_reading(r, t), _key_values("Teacher", r.get("teacher") or {}, t), _imported_oracle(r, t),
+             _key_values("Oracle", r.get("oracle") or {}, t)]
     parts = [p for p in parts if p]
     return "\n\n".join(["## Teacher and oracle health", *parts]) if parts else ""
 
@@ -464,8 +595,9 @@ def render_report(results: dict, run_dir: Path, report_path: Path) -> str:
     report_path.parent.mkdir(parents=True, exist_ok=True)
     t = Text(report_path.parent)
     sections = [
-        _header(results, t), _conventions(results, t), _val_loss_matrix(results, t), _metrics_table(results, t),
+        _header(results, t), _failed_probes(results, t), _conventions(results, t), _val_loss_matrix(results, t), _metrics_table(results, t),
         _threshold_sentences(results, t), _combination(results, t), _discriminator(results, t),
+        _battery_readings(results, t),
         _control_validity(results, t), _expectations(results, t), _kl_trajectory(results, t),
         _plots(results, t, report_path.parent / report_path.stem), _health(results, t),
         _formulas(results, t, Path(run_dir)), _definitions(results, t), _provenance(results, t),
@@ -473,6 +605,23 @@ def render_report(results: dict, run_dir: Path, report_path: Path) -> str:
     text = "\n\n".join(s for s in sections if s) + "\n"
     store.write_atomic(report_path, text.encode())
     return text
+
+
+STALE_MARK = "<!-- ablate: stale -->"
+
+
+def mark_stale(report_path: Path, message: str) -> bool:
+    """Open an existing report with a banner saying a later run could not replace it (an older
+    banner is replaced). Returns whether there was a report to mark."""
+    report_path = Path(report_path)
+    if not report_path.is_file():
+        return False
+    text = report_path.read_text()
+    if text.startswith(STALE_MARK):
+        text = text.split("\n\n", 1)[1] if "\n\n" in text else ""
+    banner = f"{STALE_MARK}\n> **STALE REPORT.** {message}"
+    store.write_atomic(report_path, f"{banner}\n\n{text}".encode())
+    return True
 
 
 # -------------------------------------------------------------------------------- comparison

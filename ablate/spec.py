@@ -12,12 +12,28 @@ import itertools
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from ablate import expr
 from ablate.errors import SpecError
+
+
+# Spec, cell and profile names (sweep-expanded cell names too) are single path components: never
+# '.', '..', a path, a hidden name or an option-like '-x'.
+PATH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=@+-]{0,199}")
+
+
+def _path_name(name: str) -> str:
+    if not PATH_NAME.fullmatch(name):
+        raise ValueError("a name must be one plain file name: at most 200 letters, digits and _ . , = @ + -, "
+                         "starting with a letter, digit or _ (so not '.', '..', a path or a hidden name)")
+    return name
+
+
+PathName = Annotated[str, AfterValidator(_path_name)]
 
 
 class Strict(BaseModel):
@@ -54,7 +70,9 @@ class PretrainSpec(Strict):
 
 
 class BackboneSpec(Strict):
-    """The frozen student backbone: pretrained on the corpus, or loaded from a checkpoint."""
+    """The frozen student backbone: pretrained on the corpus, or loaded from a checkpoint: ablate's
+    safetensors, or the reference's checkpoint.pt / model_step_N.safetensors (format detected, imported
+    without running the pickle; ablate.model.reference_import)."""
 
     source: Literal["pretrain", "checkpoint"] = "pretrain"
     checkpoint: str | None = None
@@ -68,14 +86,20 @@ class BackboneSpec(Strict):
     rope_theta: float = 1e6
     max_seq_len: int = Field(4096, ge=2)
     layers_per_block: int = Field(2, ge=1)
+    # a reference checkpoint's injection/router tensors initialise the cells' adapters (else they start fresh)
+    init_adapters: bool = False
     pretrain: PretrainSpec = PretrainSpec()
 
     @model_validator(mode="after")
     def _check(self):
         if self.source == "checkpoint" and not self.checkpoint:
-            raise ValueError('source = "checkpoint" needs `checkpoint = "path/to/backbone.safetensors"`')
+            raise ValueError('source = "checkpoint" needs `checkpoint = "path/to/backbone.safetensors"` '
+                             "(or the reference's checkpoint.pt / model_step_N.safetensors)")
         if self.source == "pretrain" and self.checkpoint:
             raise ValueError('`checkpoint` is set but source = "pretrain"; set source = "checkpoint" to use it')
+        if self.init_adapters and self.source != "checkpoint":
+            raise ValueError('init_adapters = true reads the adapters of a reference checkpoint; set source = '
+                             '"checkpoint" and checkpoint = "…/checkpoint.pt", or drop init_adapters')
         if self.num_query_heads % self.num_kv_heads:
             raise ValueError(f"num_query_heads {self.num_query_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
@@ -83,7 +107,7 @@ class BackboneSpec(Strict):
         return self
 
     def architecture(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"source", "checkpoint", "pretrain"})
+        return self.model_dump(exclude={"source", "checkpoint", "pretrain", "init_adapters"})
 
 
 class OracleSpec(Strict):
@@ -100,6 +124,39 @@ class OracleSpec(Strict):
     pca_sample_frac: float = Field(0.2, gt=0, le=1)
     pca_seed: int = 42
     cos_sample: int = Field(2000, ge=2)
+    # Teacher health (reference §12), measured in the oracle pass: the teacher's next-token
+    # cross-entropy on the corpus it reads must stay below teacher_max_ce (nats; a number or an
+    # expression over the threshold names). "allow" records a failure instead of stopping.
+    teacher_max_ce: float | str = "unigram_entropy"
+    teacher_health: Literal["error", "allow"] = "error"
+    # source = "files": import the reference's oracle files (§11.3, ablate.oracle_files) instead of
+    # running the oracle pass; paths are read from the directory ablate runs in. The shuffled twin
+    # is optional (else built from shuffle_seed, §4.5); stats is the reference's <table>.stats.json.
+    source: Literal["teacher", "files"] = "teacher"
+    table: str | None = None
+    sidecar: str | None = None
+    stats: str | None = None
+    shuffled_table: str | None = None
+    shuffled_sidecar: str | None = None
+
+    def files(self) -> dict[str, str]:
+        """The file fields that are set: {"table": path, "sidecar": path, ...}."""
+        names = ("table", "sidecar", "stats", "shuffled_table", "shuffled_sidecar")
+        return {n: getattr(self, n) for n in names if getattr(self, n)}
+
+    @model_validator(mode="after")
+    def _files(self):
+        given = list(self.files())
+        if self.source == "teacher" and given:
+            raise ValueError(f'{", ".join(given)} set but source = "teacher"; set source = "files" to import them')
+        if self.source == "files":
+            if not (self.table and self.sidecar):
+                raise ValueError('source = "files" needs `table = "<stem>.safetensors"` and `sidecar = '
+                                 '"<stem>_teacher_logits.safetensors"` (stats and the shuffled twins are optional)')
+            if bool(self.shuffled_table) != bool(self.shuffled_sidecar):
+                raise ValueError("set both shuffled_table and shuffled_sidecar (the reference's "
+                                 "_shuffled_seed0 files) or neither (then the twin is built from shuffle_seed)")
+        return self
 
     @field_validator("seeds")
     @classmethod
@@ -108,6 +165,15 @@ class OracleSpec(Strict):
             raise ValueError("at least one hash seed is needed")
         if any(s < 0 or s >= 2**64 for s in v):
             raise ValueError("hash seeds are unsigned 64-bit integers")
+        return v
+
+    @field_validator("teacher_max_ce")
+    @classmethod
+    def _bound(cls, v):
+        if isinstance(v, str):
+            bad = expr.names_in(v) - set(expr.KNOWN_NAMES)
+            if bad:
+                raise ValueError(f"unknown name(s) {sorted(bad)} in {v!r}; known: {', '.join(expr.KNOWN_NAMES)}")
         return v
 
 
@@ -152,7 +218,7 @@ class ProbeSpec(Strict):
 
 
 class CellSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.=@-]+$")
+    name: PathName
     router: bool = False
     oracle: Literal["real", "shuffled", "gaussian"] = "real"
     objective: ObjectiveRef = ObjectiveRef(name="ce")
@@ -211,10 +277,33 @@ class ThresholdSpec(Strict):
     break_if: RuleSpec
 
 
+class StrongSpec(Strict):
+    """A strong-result bound, separate from the crossing thresholds (reference §7.3: content_gain
+    ≥ 0.005 → strong result): `metric` on the `strong_if` side in a cell marks it strong; it is
+    never counted as a crossing. `[[combine.strong]] metric = "content_gain"
+    cells = ["router_on_real"]  strong_if = { at_least = 0.005 }`."""
+
+    metric: str
+    cells: list[str] = Field(min_length=1)
+    strong_if: RuleSpec
+
+
+# A strong bound, or (older form) the name of a threshold whose BREAK also marks a strong result.
+StrongItem = Annotated[Annotated[StrongSpec, Tag("bound")] | Annotated[str, Tag("threshold name")],
+                       Discriminator(lambda v: "threshold name" if isinstance(v, str) else "bound")]
+
+
 class CombineSpec(Strict):
     soft_at: int = Field(1, ge=1)
     broken_at: int = Field(2, ge=1)
-    strong: list[str] = []  # threshold names whose BREAK marks a strong result
+    strong: list[StrongItem] = []
+
+    def strong_bounds(self, thresholds: list[ThresholdSpec]) -> list[StrongSpec]:
+        """Every strong bound; a threshold name becomes that threshold's metric, cells and rule."""
+        by_name = {t.name: t for t in thresholds}
+        return [s if isinstance(s, StrongSpec) else
+                StrongSpec(metric=by_name[s].metric, cells=by_name[s].cells, strong_if=by_name[s].break_if)
+                for s in self.strong if isinstance(s, StrongSpec) or s in by_name]
 
 
 class DiscriminatorSpec(Strict):
@@ -223,6 +312,8 @@ class DiscriminatorSpec(Strict):
 
 
 class AxesSpec(Strict):
+    """Labels placing the run on the outer objective × teacher matrix (checked in check_references)."""
+
     objective: str = "unspecified"
     teacher: str = "unspecified"
 
@@ -235,9 +326,13 @@ class ExpectSpec(Strict):
 
 
 class Spec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: PathName
     description: str = ""
     seed: int = 0
+    # "ablate": ablate's documented numerics; "upstream": every choice of reference §11.4 made as the
+    # reference makes it (docs/fidelity.md lists each difference and its measured size)
+    numerics: Literal["ablate", "upstream"] = "ablate"
+    # directories chosen by the user (relative or absolute, may contain `/`); names below them are PathNames
     runs_dir: str = "runs"
     reports_dir: str = "reports"
     cache_dir: str = ".ablate-cache"
@@ -255,7 +350,7 @@ class Spec(Strict):
     combine: CombineSpec = CombineSpec()
     discriminator: list[DiscriminatorSpec] = []
     expect: ExpectSpec | None = None
-    profiles: dict[str, dict[str, Any]] = {}
+    profiles: dict[PathName, dict[str, Any]] = {}
 
 
 # ------------------------------------------------------------------------------- loading
@@ -298,12 +393,12 @@ def spec_from_dict(raw: dict, overrides=(), profile=None, registry=None, source=
     problems = check_references(spec, registry)
     if problems:
         raise SpecError(problems, source)
-    return expand_sweeps(spec)
+    return expand_sweeps(spec, source)
 
 
 def _loc(loc: tuple) -> str:
     out = ""
-    for part in loc:
+    for part in (p for p in loc if p != "[key]"):  # a dict key's own error: located at the key
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
@@ -432,9 +527,12 @@ def check_references(spec: Spec, registry) -> list[tuple[str, str]]:
             if getattr(d, role) not in known:
                 problems.append((f"discriminator[{i}].{role}", f"no cell named {getattr(d, role)!r}; cells are: {', '.join(names)}"))
     th_names = [t.name for t in spec.thresholds]
-    for s in spec.combine.strong:
-        if s not in th_names:
-            problems.append(("combine.strong", f"no threshold named {s!r}; thresholds are: {', '.join(th_names) or 'none'}"))
+    for i, s in enumerate(spec.combine.strong):
+        if isinstance(s, str) and s not in th_names:
+            problems.append((f"combine.strong[{i}]", f"no threshold named {s!r}; thresholds are: {', '.join(th_names) or 'none'}"))
+        for j, cell in enumerate(s.cells if isinstance(s, StrongSpec) else []):
+            if cell not in known:
+                problems.append((f"combine.strong[{i}].cells[{j}]", f"no cell named {cell!r}; cells are: {', '.join(names)}"))
     if spec.combine.broken_at < spec.combine.soft_at:
         problems.append(("combine.broken_at", f"broken_at {spec.combine.broken_at} must be ≥ soft_at {spec.combine.soft_at}"))
     if spec.expect is not None:
@@ -450,8 +548,34 @@ def check_references(spec: Spec, registry) -> list[tuple[str, str]]:
             if not metric or cell not in known:
                 problems.append((f"expect.metrics.{key}", "expected 'metric@cell' naming a metric and a cell of this spec"))
 
+    problems += _check_axes(spec, registry)
     if registry is not None:
         problems += _check_plugins(spec, registry)
+    return problems
+
+
+def _check_axes(spec: Spec, registry) -> list[tuple[str, str]]:
+    """`[axes] objective` names an objective some cell runs; `teacher` the teacher plugin in use
+    or a label its class declares (Teacher.axis_labels); "unspecified" is always allowed."""
+    swept = spec.sweep.axes().get("objective") if spec.sweep is not None else None
+    objectives = set()
+    for cell in spec.cells:
+        if isinstance(swept, list) and cell.name in spec.sweep.cells:
+            named = [v.get("name") if isinstance(v, dict) else v for v in swept]
+            objectives |= {n for n in named if isinstance(n, str)}
+        else:
+            objectives.add(cell.objective.name)
+    checks = [("objective", objectives, "an objective some cell runs")]
+    found = registry.components["teacher"].get(spec.teacher.plugin) if registry is not None else None
+    if registry is None or found is not None:  # an unknown teacher plugin is reported by _check_plugins
+        labels = {spec.teacher.plugin, *(getattr(found.cls, "axis_labels", ()) if found else ())}
+        checks.append(("teacher", labels, f"the teacher in use ({spec.teacher.plugin!r}) or a label it declares"))
+    problems = []
+    for axis, allowed, what in checks:
+        allowed = sorted(allowed | {"unspecified"})
+        value = getattr(spec.axes, axis)
+        if value not in allowed:
+            problems.append((f"axes.{axis}", f"{value!r} is not {what}; allowed: {', '.join(allowed)}"))
     return problems
 
 
@@ -478,6 +602,9 @@ def _check_plugins(spec: Spec, registry) -> list[tuple[str, str]]:
 
     check("corpus", spec.corpus.plugin, spec.corpus.params(), "corpus")
     check("teacher", spec.teacher.plugin, spec.teacher.params(), "teacher")
+    from ablate import tokenizer_identity
+
+    problems += tokenizer_identity.spec_problems(spec, registry)
     for i, cell in enumerate(spec.cells):
         cls = check("objective", cell.objective.name, cell.objective.params(), f"cells[{i}].objective")
         if cls is not None and cls.needs_router and not cell.router:
@@ -503,6 +630,9 @@ def _check_plugins(spec: Spec, registry) -> list[tuple[str, str]]:
     for i, th in enumerate(spec.thresholds):
         if th.metric not in produced:
             problems.append((f"thresholds[{i}].metric", f"no probe produces metric {th.metric!r}; available: {available}"))
+    for i, s in enumerate(spec.combine.strong):
+        if isinstance(s, StrongSpec) and s.metric not in produced:
+            problems.append((f"combine.strong[{i}].metric", f"no probe produces metric {s.metric!r}; available: {available}"))
     for key in spec.expect.metrics if spec.expect is not None else {}:
         metric = key.partition("@")[0]
         if metric and metric not in produced:
@@ -520,14 +650,16 @@ def _expand_metric_names(metrics: dict[str, str], layers: list[int]) -> set[str]
 # ---------------------------------------------------------------------------------- sweeps
 
 
-def expand_sweeps(spec: Spec) -> Spec:
-    """Replace each swept cell by one cell per point of the sweep grid, named `cell@key=value`."""
+def expand_sweeps(spec: Spec, source: str = "spec") -> Spec:
+    """Replace each swept cell by one cell per point of the sweep grid, named `cell@key=value,...`;
+    SpecError when a generated cell is invalid (e.g. its name is no plain file name) or repeated."""
     if spec.sweep is None or not spec.sweep.cells:
         return spec
     axes = spec.sweep.axes()
     keys = list(axes)
     labels = {k: _value_labels(axes[k]) for k in keys}
     cells: list[CellSpec] = []
+    problems: list[tuple[str, str]] = []
     for cell in spec.cells:
         if cell.name not in spec.sweep.cells:
             cells.append(cell)
@@ -543,7 +675,16 @@ def expand_sweeps(spec: Spec) -> Spec:
                 node[tail] = copy.deepcopy(axes[k][i])
             label = ",".join(f"{k.split('.')[-1]}={labels[k][i]}" for k, i in zip(keys, point))
             data["name"] = f"{cell.name}@{label}"
-            cells.append(CellSpec.model_validate(data))
+            try:
+                cells.append(CellSpec.model_validate(data))
+            except ValidationError as exc:
+                problems += [(f"sweep (cell {data['name']!r}) {_loc(e['loc'])}", _msg(e) + "; change the sweep values")
+                             for e in exc.errors()]
+    names = [c.name for c in cells]
+    problems += [("sweep", f"two cells are named {n!r}; give the sweep distinct values")
+                 for n in sorted({n for n in names if names.count(n) > 1})]
+    if problems:
+        raise SpecError(problems, source)
     return spec.model_copy(update={"cells": cells})
 
 

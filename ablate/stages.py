@@ -237,17 +237,24 @@ def backbone_key(spec, corpus_key_: str) -> str:
 
 
 def check_backbone_checkpoint(spec) -> None:
-    if spec.backbone.source == "checkpoint" and not Path(spec.backbone.checkpoint).is_file():
+    """The checkpoint exists and its format is known; a reference checkpoint.pt's pickle is safe to read
+    and its stored config matches [backbone] (no weights read: backbone_stage checks every tensor)."""
+    if spec.backbone.source != "checkpoint":
+        return
+    if not Path(spec.backbone.checkpoint).is_file():
         raise InputError(f"Backbone checkpoint {spec.backbone.checkpoint} does not exist. Set [backbone] checkpoint to "
-                         f"a safetensors file written by ablate (or any file with the backbone's tensor names), "
-                         f'or use source = "pretrain" to train one on the corpus.')
+                         f"a safetensors file written by ablate (or any file with the backbone's tensor names), or the "
+                         f'reference\'s checkpoint.pt / model_step_N.safetensors, or use source = "pretrain" to train one.')
+    from ablate.model.reference_import import check_reference
+
+    check_reference(spec.backbone.checkpoint, spec.backbone.architecture())
 
 
 def backbone_stage(cache: Path, spec, corpus_stage_: StageResult, corpus: TokenCorpus, device, ui,
                    fresh: bool = False) -> StageResult:
     from ablate.lm_pretrain import pretrain_lm
     from ablate.model.backbone import Backbone
-    from ablate.model.checkpoint import load_backbone, save_backbone
+    from ablate.model.checkpoint import checkpoint_format, load_backbone, save_backbone
 
     t0 = time.perf_counter()
     config = backbone_config(spec, corpus.vocab_size)
@@ -256,8 +263,16 @@ def backbone_stage(cache: Path, spec, corpus_stage_: StageResult, corpus: TokenC
     if bb.source == "checkpoint":
         check_backbone_checkpoint(spec)
         src = Path(bb.checkpoint)
-        load_backbone(src, expected=config)  # strict accounting and architecture check, fails early
-        return _timed("backbone", key, src, True, t0, {"source": str(src)}, key)
+        if checkpoint_format(src) == "ablate":
+            load_backbone(src, expected=config)  # strict accounting and architecture check, fails early
+            return _timed("backbone", key, src, True, t0, {"source": str(src)}, key)
+
+    def import_reference(tmp: Path) -> None:  # the reference's checkpoint.pt / model_step_N.safetensors, once
+        from ablate.model.reference_import import convert_checkpoint
+
+        report = convert_checkpoint(bb.checkpoint, tmp / "backbone.safetensors", expected=config)
+        ui.info("imported backbone: " + "; ".join(report.lines()))
+        store.write_json(tmp / "info.json", report.to_info())
 
     def build(tmp: Path) -> None:
         torch.manual_seed(bb.pretrain.seed)
@@ -272,16 +287,19 @@ def backbone_stage(cache: Path, spec, corpus_stage_: StageResult, corpus: TokenC
         save_backbone(model.cpu(), tmp / "backbone.safetensors")
         store.write_json(tmp / "info.json", {**stats, "ln_vocab": math.log(corpus.vocab_size)})
 
-    path, cached = build_or_reuse(cache, "backbone", key, {"corpus": corpus_stage_.digest}, ui, fresh, build)
+    make = import_reference if bb.source == "checkpoint" else build
+    path, cached = build_or_reuse(cache, "backbone", key, {"corpus": corpus_stage_.digest}, ui, fresh, make)
     info = store.read_json(path / "info.json")
-    return _timed("backbone", key, path / "backbone.safetensors", cached, t0, info, store.content_digest(path))
+    digest = key if bb.source == "checkpoint" else store.content_digest(path)  # a checkpoint's: its key, as plan() has it
+    return _timed("backbone", key, path / "backbone.safetensors", cached, t0, info, digest)
 
 
 # ----------------------------------------------------------------------------------- teacher
 
 
 def teacher_key(teacher, corpus_key_: str, seed: int) -> str:
-    config = {"plugin": teacher.name, "params": teacher.params.model_dump(mode="json"), "seed": seed}
+    params = teacher.params.model_dump(mode="json", exclude={"tokenizer_mismatch"})  # a check, not the teacher
+    config = {"plugin": teacher.name, "params": params, "seed": seed}
     return stage_key("teacher", config, {"corpus": corpus_key_}, (type(teacher).__module__,))
 
 
@@ -311,11 +329,27 @@ def oracle_config(spec):
     return OracleConfig(rows=o.rows, engram_dim=o.engram_dim, seeds=tuple(o.seeds), orders=tuple(o.orders),
                         batch=o.batch, seq_len=o.seq_len, pca_sample_min=o.pca_sample_min,
                         pca_sample_frac=o.pca_sample_frac, pca_seed=o.pca_seed, shuffle_seed=o.shuffle_seed,
-                        cos_sample=o.cos_sample, max_tokens=o.max_tokens)
+                        cos_sample=o.cos_sample, max_tokens=o.max_tokens, numerics=spec.numerics)
 
 
-def oracle_key(spec, teacher_key_: str, corpus_key_: str) -> str:
-    return stage_key("oracle", spec.oracle.model_dump(), {"teacher": teacher_key_, "corpus": corpus_key_})
+_ORACLE_FILE_FIELDS = {"source", "table", "sidecar", "stats", "shuffled_table", "shuffled_sidecar"}
+
+
+def oracle_key(spec, teacher_key_: str, corpus_key_: str, vocab: int | None = None) -> str:
+    """A computed oracle: its config and the teacher's and corpus's keys. An imported one
+    (source = "files", ablate.oracle_files): its config and the sha256 of the files' bytes, no
+    inputs; the files' headers are checked first against the spec and `vocab` (None = unknown)."""
+    # checks of the artifact, and the file fields (absent from keys of oracles computed before they existed)
+    config = spec.oracle.model_dump(exclude={"teacher_max_ce", "teacher_health", *_ORACLE_FILE_FIELDS})
+    if spec.oracle.source == "files":
+        from ablate import oracle_files
+
+        hashes = oracle_files.digests(spec.oracle)
+        oracle_files.check_headers(spec.oracle, vocab)
+        return stage_key("oracle", {**config, "source": "files", "files": hashes}, {}, ("ablate.oracle_files",))
+    if spec.numerics != "ablate":  # only then: oracles built before the field existed keep their keys
+        config["numerics"] = spec.numerics
+    return stage_key("oracle", config, {"teacher": teacher_key_, "corpus": corpus_key_})
 
 
 def oracle_stage(cache: Path, spec, teacher, teacher_stage_: StageResult, teacher_ctx, corpus_stage_: StageResult,
@@ -324,7 +358,14 @@ def oracle_stage(cache: Path, spec, teacher, teacher_stage_: StageResult, teache
 
     t0 = time.perf_counter()
     cfg = oracle_config(spec)
-    key = oracle_key(spec, teacher_stage_.key, corpus_stage_.key)
+    files = spec.oracle.source == "files"
+    key = oracle_key(spec, teacher_stage_.key, corpus_stage_.key, corpus.vocab_size)
+
+    def import_files(tmp: Path) -> None:  # the reference's oracle files, checked in full, once per content
+        from ablate.oracle_files import import_oracle
+
+        with ui.stage("oracle import", None):
+            save_oracle(import_oracle(spec.oracle, corpus.vocab_size), tmp)
 
     def build(tmp: Path) -> None:
         require_tokens(corpus, cfg.seq_len, "oracle", ("train",))
@@ -339,8 +380,8 @@ def oracle_stage(cache: Path, spec, teacher, teacher_stage_: StageResult, teache
             oracle = build_oracle(loaded, corpus.train, cfg, device, progress)
         save_oracle(oracle, tmp)
 
-    inputs = {"teacher": teacher_stage_.digest, "corpus": corpus_stage_.digest}
-    path, cached = build_or_reuse(cache, "oracle", key, inputs, ui, fresh, build)
+    inputs = {} if files else {"teacher": teacher_stage_.digest, "corpus": corpus_stage_.digest}
+    path, cached = build_or_reuse(cache, "oracle", key, inputs, ui, fresh, import_files if files else build)
     try:
         oracle = load_oracle(path)
     except InputError as exc:
@@ -351,7 +392,71 @@ def oracle_stage(cache: Path, spec, teacher, teacher_stage_: StageResult, teache
     rows = spec.oracle.rows
     store.check_tensor(oracle.table, "the table", (rows, spec.oracle.engram_dim), torch.float32, path / TABLE_FILE)
     store.check_tensor(oracle.sidecar, "the sidecar", (rows, corpus.vocab_size), torch.float32, path / SIDECAR_FILE)
+    if oracle.shuffled_twin is not None:  # an imported twin, saved in shuffled/
+        for name in ("table", "sidecar"):
+            store.check_tensor(getattr(oracle.shuffled_twin, name), f"the shuffled twin's {name}",
+                               tuple(getattr(oracle, name).shape), torch.float32, path / "shuffled")
+    try:
+        oracle.stats["tokenizers"] = check_tokenizers(corpus, teacher, spec.name)
+    except InputError:  # imported files: the teacher they came from need not be on this machine
+        if not files:
+            raise
+        oracle.stats["tokenizers"] = {"corpus": None, "teacher": None, "match": None}
+    oracle.stats["teacher_health"] = check_teacher_health(spec, oracle.stats, corpus, teacher.name, path)
     return _timed("oracle", key, path, cached, t0, oracle.stats, store.content_digest(path)), oracle
+
+
+def check_tokenizers(corpus: TokenCorpus, teacher, source: str) -> dict[str, Any]:
+    """The corpus's tokenizer (its artifact's copy) against the teacher's: the identity record, or
+    SpecError on a mismatch not allowed (ablate.tokenizer_identity.check)."""
+    from ablate import tokenizer_identity
+
+    return tokenizer_identity.check(corpus.tokenizer_path, teacher, source)
+
+
+def health_reading(ce: float, log_vocab: float, unigram: float) -> str:
+    """What a teacher's next-token cross-entropy (nats) on the corpus says about what it read."""
+    if ce < unigram:
+        return ("below the corpus's unigram entropy: the teacher predicts from context, as one reading its own "
+                "tokenizer's text does")
+    if ce < log_vocab:
+        return ("no better than the corpus's unigram frequencies: the teacher reads no context signal (another "
+                "tokenizer's ids, an untrained teacher, or a corpus without structure)")
+    return ("at or above ln V, worse than uniform guessing: the teacher is reading another tokenizer's ids "
+            "(or has random weights)")
+
+
+def check_teacher_health(spec, stats: dict[str, Any], corpus: TokenCorpus, teacher_name: str, path: Path
+                         ) -> dict[str, Any]:
+    """The teacher's next-token cross-entropy in the oracle pass (stats' teacher_ce) against
+    [oracle] teacher_max_ce. InputError when it does no better, unless teacher_health = "allow" or
+    the teacher has random weights (the report says so already); the oracle stays cached either
+    way. Returns the record kept in the oracle stats."""
+    from ablate import expr
+
+    ce = stats.get("teacher_ce")
+    freq = corpus.frequencies.double() / corpus.frequencies.double().sum()  # [V]
+    freq = freq[freq > 0]
+    names = {"log_vocab": math.log(corpus.vocab_size), "vocab_size": float(corpus.vocab_size),
+             "rows": float(spec.oracle.rows), "log_rows": math.log(spec.oracle.rows),
+             "unigram_entropy": float(-(freq * freq.log()).sum())}
+    bound = expr.evaluate(spec.oracle.teacher_max_ce, names)
+    record = {"teacher_max_ce": spec.oracle.teacher_max_ce, "bound": bound, "log_vocab": names["log_vocab"],
+              "unigram_entropy": names["unigram_entropy"], "passed": None if ce is None else ce < bound,
+              "teacher_health": spec.oracle.teacher_health,
+              "reading": None if ce is None else health_reading(ce, names["log_vocab"], names["unigram_entropy"])}
+    random_weights = bool((stats.get("teacher") or {}).get("random_weights"))
+    if record["passed"] is False and spec.oracle.teacher_health == "error" and not random_weights:
+        raise InputError(
+            f"Teacher {teacher_name!r} predicts the corpus's next tokens with a cross-entropy of {ce:.4f} nats "
+            f"(top-1 accuracy {stats.get('teacher_top1', 0.0):.4f}) over the {stats.get('teacher_tokens')} tokens "
+            f"of the oracle pass: no better than [oracle] teacher_max_ce = {spec.oracle.teacher_max_ce!r} = "
+            f"{bound:.4f} nats (ln V = {names['log_vocab']:.4f}, unigram entropy {names['unigram_entropy']:.4f}). "
+            f"That is {record['reading']}; its oracle would encode no corpus signal. Fix: tokenise the corpus with "
+            f"the teacher's own tokenizer (and train the backbone on it), or train the teacher longer. The oracle "
+            f"is kept in {path}, so to use it anyway (e.g. to reproduce the reference) set [oracle] teacher_health "
+            f"= \"allow\" and run again.")
+    return record
 
 
 def json_safe(obj):

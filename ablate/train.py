@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ablate import fastpath
 from ablate.components import Objective, ObjectiveBatch
-from ablate.errors import InputError, NumericalFault
+from ablate.errors import InputError, NumericalFault, PluginFault
 from ablate.hashing import canonical_rows
 from ablate.losses import cross_entropy
 from ablate.optim import CellOptimizer, wsd_multiplier
@@ -77,6 +77,7 @@ class TrainConfig:
     n_rows: int = 0  # sidecar / oracle rows; set by the caller when a sidecar is used
     checkpoint_every: int = 0  # 0 = save state only at the end
     compile: bool = True  # compile the hot paths where fastpath.enabled_for the device
+    numerics: str = "ablate"  # "upstream": the reference's float32 Muon (ablate.optim.ReferenceMuon)
     name: str = "cell"
 
     def __post_init__(self) -> None:
@@ -292,7 +293,7 @@ class CellRun:
         self.notes = ([f"bf16 was requested but the device is {self.device.type}: trained in fp32"]
                       if cfg.precision == "bf16" and self.precision == "fp32" else [])
         self.params = dict(student.trainable_named_parameters())
-        self.optimizer = CellOptimizer(self.params.items(), cfg.lr)
+        self.optimizer = CellOptimizer(self.params.items(), cfg.lr, cfg.numerics)
         self.train_sampler = WindowSampler(train_stream, cfg.batch, cfg.seq_len, cfg.data_seed,
                                            self.device)
         self.val_sampler = WindowSampler(val_stream, cfg.batch, cfg.seq_len, cfg.val_seed,
@@ -399,9 +400,12 @@ class CellRun:
         rows = hash_rows(inputs, cfg.n_rows, cfg.kl_seed) if want_rows else None
         with self.autocast():
             out = self.student(inputs, aux=True)
-            result = self.objective(ObjectiveBatch(
-                logits=out.logits, targets=targets, tokens=inputs,
-                router_logits=out.router_logits, teacher_rows=rows, sidecar=self.sidecar))
+            batch = ObjectiveBatch(logits=out.logits, targets=targets, tokens=inputs,
+                                   router_logits=out.router_logits, teacher_rows=rows, sidecar=self.sidecar)
+            try:
+                result = self.objective(batch)
+            except Exception as exc:  # the plugin's own failure: this cell fails, the run goes on
+                raise PluginFault("objective", self.objective.name, f"at step {s}", exc) from exc
         stats = (router_statistics(out.router_logits, rows, self.sidecar)
                  if log_step and out.router_logits is not None else {})
         vc, qd, gates = out.vc, out.qd, out.gates

@@ -1,8 +1,9 @@
-"""Thresholds → HOLD/BREAK verdicts, their combination per cell, and the real-vs-shuffled
-discriminator. Every number and metric name arrives as data (the spec); nothing here knows
-what a metric means. Every sentence is generated from the rule and the numbers, so a
-comparison word can never contradict the arithmetic and two different numbers never print
-the same.
+"""Thresholds → HOLD/BREAK verdicts, strong-result bounds, their combination per cell, the
+real-vs-shuffled discriminator, and the η-B battery rubric. Thresholds and strong bounds arrive
+as data (the spec); the rubric is the reference's fixed reading of its battery (§7.5), kept as
+data in BATTERY_RUBRIC. Every comparison goes through `crosses`, and every sentence is generated
+from the rule and the numbers, so a comparison word can never contradict the arithmetic and two
+different numbers never print the same.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def default_decimals(x: float) -> int:
 
 def distinguishing_digits(a: float, b: float, min_decimals: int = MIN_DECIMALS) -> int:
     """Fewest decimals (≥ min_decimals) at which two different floats print differently."""
+    a, b = a + 0.0, b + 0.0  # -0.0 prints as 0 (fmt), so its sign tells nothing apart
     d = min_decimals
     if a == b or not (math.isfinite(a) and math.isfinite(b)):
         return d
@@ -194,6 +196,15 @@ def _offset(value: float, bound: float, what: str, d: int) -> str:
     return f"{fmt_gap(value, bound, d)} {word} {what}"
 
 
+def _decimals(value: float | None, bounds: Sequence[float]) -> int:
+    """One precision for a value and its bounds: no two different numbers print the same, the
+    value shows its default significant digits and every nonzero gap shows a digit."""
+    d = common_decimals(list(bounds) + ([] if value is None else [value]))
+    if value is not None:
+        d = max([d, default_decimals(value)] + [_gap_decimals(value, b) for b in bounds])
+    return d
+
+
 def evaluate(threshold_name: str, metric: str, cell: str, value: float | None, rule: dict[str, Any],
              bound_exprs: Sequence[str] | None = None, metric_label: str | None = None) -> ThresholdResult:
     """Apply one threshold rule to one value and generate its sentence.
@@ -205,9 +216,7 @@ def evaluate(threshold_name: str, metric: str, cell: str, value: float | None, r
     nums = [b.value for b in bounds]
     rule_dict = {"kind": kind, "bounds": nums, "exprs": [b.expr for b in bounds]}
     missing = value is None or math.isnan(float(value))
-    d = common_decimals(nums + ([] if missing else [float(value)]))
-    if not missing:
-        d = max([d, default_decimals(float(value))] + [_gap_decimals(float(value), b) for b in nums])
+    d = _decimals(None if missing else float(value), nums)
     bt = [fmt(b, d) for b in nums]
 
     if kind in SINGLE_BOUND:
@@ -258,27 +267,70 @@ def evaluate_spec_rule(threshold_name: str, metric: str, cell: str, value: float
 
     `rule` is a spec RuleSpec (`.kind()`, `.bounds()`) or a plain {kind: bound(s)} dict; bounds
     are evaluated with ablate.expr against `names` and keep their source text."""
+    result = evaluate(threshold_name, metric, cell, value, _spec_rule(rule, names))
+    return {**result.to_dict(), "meaning": meaning}
+
+
+def _spec_rule(rule: Any, names: dict[str, float]) -> dict[str, Any]:
+    """A spec RuleSpec or {kind: bound(s)} dict → {kind: Bound | [Bound, Bound]}, each bound
+    evaluated with ablate.expr and keeping its source text."""
     if isinstance(rule, dict):
         (kind, raw), = rule.items()
         raws = list(raw) if isinstance(raw, (list, tuple)) else [raw]
     else:
         kind, raws = rule.kind(), rule.bounds()
     bounds = [Bound(expr.evaluate(b, names), b if isinstance(b, str) else repr(float(b))) for b in raws]
-    result = evaluate(threshold_name, metric, cell, value, {kind: bounds if kind in RANGE_BOUND else bounds[0]})
-    return {**result.to_dict(), "meaning": meaning}
+    return {kind: bounds if kind in RANGE_BOUND else bounds[0]}
+
+
+# --------------------------------------------------------------------------- strong results
+
+NEGATED = {"<": "≥", "≤": ">", ">": "≤", "≥": "<"}
+
+
+def strong_result(metric: str, cell: str, value: float | None, rule: Any,
+                  names: dict[str, float]) -> dict[str, Any]:
+    """A strong-result bound (reference §7.3: content_gain ≥ 0.005 → strong result), evaluated
+    like a threshold rule but separate from the crossing thresholds: `rule`'s BREAK side is the
+    strong side. → {metric, cell, value, rule, strong: True | False | None (no value), sentence},
+    e.g. "strong result: content_gain 0.0071 ≥ 0.0050"."""
+    kind, bounds = parse_rule(_spec_rule(rule, names))
+    nums = [b.value for b in bounds]
+    rule_dict = {"kind": kind, "bounds": nums, "exprs": [b.expr for b in bounds]}
+    missing = value is None or math.isnan(float(value))
+    d = _decimals(None if missing else float(value), nums)
+    bt = [_bound_text(b, fmt(b.value, d)) for b in bounds]
+    if kind in SINGLE_BOUND:
+        op = SINGLE_BOUND[kind]
+        yes, no, cond = f"{op} {bt[0]}", f"{NEGATED[op]} {bt[0]}", f"{op} {bt[0]}"
+    else:
+        band = f"[{bt[0]}, {bt[1]}]"
+        yes, no = (f"outside {band}", f"inside {band}") if kind == "outside" else (f"inside {band}", f"outside {band}")
+        cond = yes
+    if missing:
+        return {"metric": metric, "cell": cell, "value": None, "rule": rule_dict, "strong": None,
+                "sentence": f"{metric} has no value: cannot tell a strong result (strong if {cond})"}
+    value = float(value)
+    strong = crosses(kind, value, nums)
+    v = fmt(value, d)
+    sentence = f"strong result: {metric} {v} {yes}" if strong else f"not a strong result: {metric} {v} {no} (strong if {cond})"
+    return {"metric": metric, "cell": cell, "value": value, "rule": rule_dict, "strong": strong, "sentence": sentence}
 
 
 # ------------------------------------------------------------------------------ combining
 
 
 def combine(results_for_cell: Iterable[ThresholdResult | dict], soft_at: int = 1, broken_at: int = 2,
-            strong: Iterable[str] = ()) -> dict[str, Any]:
+            strong: Iterable[dict | str] = ()) -> dict[str, Any]:
     """Count crossed thresholds of one cell → label 'holds' | 'soft signal' | 'broken'.
 
-    `strong` names thresholds whose BREAK also marks a strong result (e.g. content gain); they
-    are counted like every other threshold, and `strong` is True when one of them is crossed."""
-    strong_names = set(strong)
+    `strong`: the cell's evaluated strong-result bounds (`strong_result` dicts), recorded under
+    `strong_results`; `strong` is True when one of them is satisfied. They are not thresholds and
+    are never counted. (A plain string is the older form: a threshold name whose BREAK marks a
+    strong result.)"""
     rows = [r.to_dict() if isinstance(r, ThresholdResult) else r for r in results_for_cell]
+    bounds = [s for s in strong if not isinstance(s, str)]
+    strong_names = {s for s in strong if isinstance(s, str)}
     crossed = [r["name"] for r in rows if r["verdict"] == BREAK]
     missing = [r["name"] for r in rows if r["verdict"] == MISSING]
     n = len(crossed)
@@ -288,7 +340,8 @@ def combine(results_for_cell: Iterable[ThresholdResult | dict], soft_at: int = 1
         "total": len(rows),
         "missing": len(missing),
         "label": label,
-        "strong": any(name in strong_names for name in crossed),
+        "strong": any(b["strong"] is True for b in bounds) or any(name in strong_names for name in crossed),
+        "strong_results": bounds,
         "crossed_names": crossed,
         "missing_names": missing,
     }
@@ -319,3 +372,109 @@ def agreement(name_a: str, a: float, name_b: str, b: float, unit: str = "") -> s
         return f"{name_a} ({fmt(a, d)}) and {name_b} ({fmt(b, d)}) do not agree"
     tol = ceil_at(exact_gap(a, b), d)
     return f"{name_a} ({fmt(a, d)}) and {name_b} ({fmt(b, d)}) agree within {tol}{unit}"
+
+
+# ------------------------------------------------------------------------- η-B battery rubric
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One bound of the rubric: `metric` (a per-layer name with {l}) on side `kind` of `bound`."""
+
+    label: str  # the reference's short name, e.g. "D"
+    metric: str
+    kind: str  # a SINGLE_BOUND kind
+    bound: float
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A topic's outcomes in order: the first whose conditions all hold names the reading."""
+
+    topic: str
+    outcomes: tuple[tuple[str, tuple[Condition, ...]], ...]
+    otherwise: str
+
+
+_D = Condition("D", "retrieval_unique_frac_L{l}", "at_most", 0.05)
+_E = Condition("E", "attn_entropy_L{l}", "at_least", 0.9)
+_GAP = Condition("P-gap", "retrieval_gap_L{l}", "at_most", 0.05)
+_C_ABS = Condition("C |abs|", "cross_run_inj_abs_cos_L{l}", "at_most", 0.1)
+_AXIS = "inj_axis_rms_L{l}"
+_A_ABS = "inj_hidden_abs_cos_L{l}"
+_X_ABS = "content_swap_abs_cos_L{l}"
+_JACCARD = "topk_jaccard_mean_L{l}"
+_CV = "row_usage_cv_L{l}"
+_RATIO = "v_rank_hard_ratio_L{l}"
+
+# Reference §7.5 "Rubric thresholds", its ≲ / ≳ read as ≤ / ≥. Each reading is made per run (the
+# real and the control cell of a pair, each with the pair's cross-run metrics); the reference's
+# "retrieval broken on both runs" is the two runs' readings agreeing.
+BATTERY_RUBRIC: tuple[Reading, ...] = (
+    Reading("retrieval", (("broken", (_D, _E, _GAP)),), "healthy"),
+    Reading("injection", (
+        ("broken", (Condition("M", "inj_ratio_L{l}", "at_most", 0.01), _C_ABS)),
+        ("I* (sizeable but not shared across runs)", (Condition("M", "inj_ratio_L{l}", "at_least", 0.05), _C_ABS)),
+    ), "live"),
+    Reading("residual", (
+        ("fixed residual amplifier", (Condition("W axis RMS", _AXIS, "at_least", 0.9),
+                                      Condition("A |abs|", _A_ABS, "at_least", 0.5))),
+        ("non-residual", (Condition("A |abs|", _A_ABS, "at_most", 0.2),)),
+    ), "in between"),
+    Reading("alignment", (
+        ("distributional alignment (D*)", (Condition("W axis RMS", _AXIS, "at_most", 0.5),
+                                           Condition("C", "cross_run_inj_cos_L{l}", "at_least", 0.3))),
+    ), "not D*"),
+    Reading("V content", (
+        ("content-blind", (Condition("X |abs|", _X_ABS, "at_least", 0.8),)),
+        ("content-sensitive", (Condition("X |abs|", _X_ABS, "at_most", 0.2),)),
+    ), "in between"),
+    Reading("per-token retrieval", (
+        ("fixed", (Condition("Jaccard", _JACCARD, "at_least", 0.8),)),
+        ("dispersive", (Condition("Jaccard", _JACCARD, "at_most", 0.2),)),
+    ), "in between"),
+    Reading("occupancy", (
+        ("collapsed", (Condition("CV", _CV, "at_least", 2.0),)),
+        ("dominated", (Condition("CV", _CV, "at_least", 1.0),)),
+        ("near-uniform", (Condition("CV", _CV, "at_most", 0.3),)),
+    ), "uneven"),
+    Reading("V rank", (
+        ("compresses severely", (Condition("v/e", _RATIO, "at_most", 0.5),)),
+        ("compresses", (Condition("v/e", _RATIO, "at_most", 0.8),)),
+    ), "no compression"),
+)
+
+
+def rubric_metrics() -> set[str]:
+    """Every metric template the rubric reads."""
+    return {c.metric for r in BATTERY_RUBRIC for _, conds in r.outcomes for c in conds}
+
+
+def read_battery(metrics: dict[str, float], layer: int) -> dict[str, str | None]:
+    """One run's rubric readings at one injection layer: topic → words, or None when a metric the
+    topic needs is missing. `metrics`: the cell's metrics with its pair's cross-run metrics."""
+    out: dict[str, str | None] = {}
+    for reading in BATTERY_RUBRIC:
+        names = {c.metric.format(l=layer) for _, conds in reading.outcomes for c in conds}
+        if not names <= metrics.keys():
+            out[reading.topic] = None
+            continue
+        out[reading.topic] = next(
+            (word for word, conds in reading.outcomes
+             if all(crosses(c.kind, float(metrics[c.metric.format(l=layer)]), [c.bound]) for c in conds)),
+            reading.otherwise)
+    return out
+
+
+def rubric_text() -> str:
+    """The rubric in words, e.g. 'retrieval: broken if D (retrieval_unique_frac) ≤ 0.05 and …'."""
+    def cond(c: Condition) -> str:
+        return f"{c.label} ({c.metric.removesuffix('_L{l}')}) {SINGLE_BOUND[c.kind]} {c.bound:g}"
+
+    parts = []
+    for r in BATTERY_RUBRIC:
+        cases = "; ".join(f"{word} if {' and '.join(cond(c) for c in conds)}" for word, conds in r.outcomes)
+        parts.append(f"{r.topic}: {cases}; else {r.otherwise}")
+    return ("η-B battery rubric (reference §7.5, ≲/≳ read as ≤/≥), per injection layer and per run, the "
+            "cross-run metrics C taken from the run's pair; the first matching case names the reading. "
+            + ". ".join(parts) + ".")

@@ -9,6 +9,7 @@ work=${1:?workdir}; shift
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$work/data/fineweb-edu-poc" "$work/checkpoints" "$work/tinyllama-arch" "$work/specs"
 cp "$repo/specs/zeb139.toml" "$work/specs/"
+sed -i '/^tokenizer = /d' "$work/specs/zeb139.toml"  # Zipf ids come from no tokenizer: nothing to compare
 python3 - "$work" <<'PY'
 import json, sys
 from pathlib import Path
@@ -34,4 +35,5 @@ PY
 cd "$work"
 ablate run specs/zeb139.toml --device cuda \
   --set teacher.plugin=hf-causal-lm --set teacher.model="$work/tinyllama-arch" --set teacher.random_init=true \
+  --set axes.teacher=hf-causal-lm \
   "$@"

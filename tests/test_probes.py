@@ -2,6 +2,7 @@
 
 import math
 import re
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,7 @@ LAYERS = (1, 3)
 GATES = {1: 0.3, 3: -0.5}
 LOG_ALPHA = math.log(0.17)
 REL = 1e-5
+SPECS = Path(__file__).resolve().parent.parent / "specs"
 
 
 def make_table(seed: int) -> torch.Tensor:
@@ -106,7 +108,7 @@ def test_router_fingerprint_matches_float64():
     want = {
         "log_alpha": LOG_ALPHA, "alpha": alpha,
         "w_align_norm": math.sqrt(float((W ** 2).sum())),
-        "w_align_drift": math.sqrt(float((W ** 2).sum())) / math.sqrt(D),
+        "w_align_drift": math.sqrt(float((W ** 2).sum())) / math.sqrt(D / 3),
         "engram_logit_entropy": sum(ent) / 2, "max_lm_head_row_cos": sum(row_cos) / 2,
         "teacher_match_cos": sum(match) / 2, "log_vocab": math.log(V),
     }
@@ -124,6 +126,33 @@ def test_router_fingerprint_at_zero_init_is_uniform():
     assert close(out["engram_logit_entropy"], math.log(V))  # z_r = 0 → uniform → ln V
     assert out["max_lm_head_row_cos"] == 0.0 and out["w_align_drift"] == 0.0
     assert "teacher_match_cos" not in out  # no sidecar, no teacher match
+
+
+def test_w_align_drift_threshold_of_the_reference_specs():
+    """w_align_drift = ‖W_align‖_F / √(d/3) at zero init. At d = 512 the specs' bound 0.3 is crossed
+    from ‖W_align‖_F = 0.3 · √(512/3) = 3.91918… on: ZEB-136's CE-only 1.9108 reads HOLD, 3.93 BREAK."""
+    from ablate.spec import load_spec
+    from ablate.verdict import evaluate_spec_rule
+
+    d = 512
+    unit = math.sqrt(d / 3)  # the Frobenius norm of a default nn.Linear(512, 512), U(−1/√d, 1/√d) entries
+    assert math.isclose(unit, 13.063945294843617, rel_tol=1e-15)
+    torch.manual_seed(0)
+    init = torch.nn.Linear(d, d, bias=False).weight.detach()  # what "init" would have meant
+    assert abs(float(init.norm()) - unit) < 0.05  # its std is ≈ 0.011
+    rules = {}
+    for name in ("zeb136", "zeb138", "zeb139"):
+        th = next(t for t in load_spec(SPECS / f"{name}.toml").thresholds if t.metric == "w_align_drift")
+        rules[name] = th.break_if
+    assert {r.kind() for r in rules.values()} == {"above"} and {r.bounds()[0] for r in rules.values()} == {0.3}
+    crossing = 0.3 * unit  # 3.919183588453085
+    for norm, verdict in [(1.9108, "HOLD"), (1.3461, "HOLD"), (0.5786, "HOLD"), (3.9, "HOLD"), (3.93, "BREAK"),
+                          (crossing * (1 + 1e-9), "BREAK")]:
+        W = torch.eye(d, dtype=torch.float64) * (norm / math.sqrt(d))  # ‖W‖_F = norm
+        drift = P.w_align_drift(W)
+        assert math.isclose(drift, norm / unit, rel_tol=1e-12)  # hand computation
+        assert evaluate_spec_rule("w_align_drift", "w_align_drift", "c", drift, rules["zeb139"], {})["verdict"] == verdict
+    assert math.isclose(P.w_align_drift(torch.eye(d) * (1.9108 / math.sqrt(d))), 0.14626515626594053, rel_tol=1e-6)
 
 
 def test_router_fingerprint_off_returns_nothing():
@@ -164,6 +193,7 @@ def test_retrieval_battery_matches_float64():
             top = sims.topk(K, dim=-1)
             attn = tr.xattn.attn.double()
             values = {
+                "retrieval_unique_rows": len(set(top.indices.flatten().tolist())),
                 "retrieval_unique_frac": len(set(top.indices.flatten().tolist())) / top.indices.numel(),
                 "retrieval_top1": float(top.values[..., 0].mean()),
                 "retrieval_topk": float(top.values[..., -1].mean()),
@@ -208,8 +238,9 @@ def test_cross_run_matches_float64():
     for ra, rb in zip(outputs(real), outputs(shuf)):
         want.setdefault("cross_run_cos", []).append(float(cos64(z64(real, ra), z64(shuf, rb)).mean()))
         for layer in LAYERS:
-            c = cos64(ra.traces[layer].inj, rb.traces[layer].inj).mean()
-            want.setdefault(f"cross_run_inj_cos_L{layer}", []).append(float(c))
+            c = cos64(ra.traces[layer].inj, rb.traces[layer].inj)
+            want.setdefault(f"cross_run_inj_cos_L{layer}", []).append(float(c.mean()))
+            want.setdefault(f"cross_run_inj_abs_cos_L{layer}", []).append(float(c.abs().mean()))
     assert out.keys() == want.keys()
     for key, values in want.items():
         assert close(out[key], sum(values) / 2, rel=1e-4), key
@@ -220,7 +251,8 @@ def test_cross_run_without_router_reports_injections_only():
     table = make_table(0)
     out = P.CrossRun(P.CrossRun.Params()).run(view(make_student(table, router=False)),
                                               view(make_student(table, router=False, seed=1)))
-    assert out.keys() == {"cross_run_inj_cos_L1", "cross_run_inj_cos_L3"}
+    assert out.keys() == {"cross_run_inj_cos_L1", "cross_run_inj_cos_L3", "cross_run_inj_abs_cos_L1",
+                          "cross_run_inj_abs_cos_L3"}
 
 
 def test_retrieval_control_permutation_is_noop_gaussian_is_not():
@@ -257,7 +289,7 @@ def test_retrieval_control_permutation_is_noop_gaussian_is_not():
 def test_probes_register_through_entry_points_and_declare_their_metrics():
     registry = load_registry()
     names = {"final-loss", "gates", "router-fingerprint", "kl-trajectory", "content-gain", "cross-run",
-             "retrieval-control", "retrieval-battery"}
+             "retrieval-control", "retrieval-battery", "injection-battery"}
     assert names <= set(registry.names("probe"))
     student = make_student(make_table(0))
     v = view(student, evals=[{"step": 0, "val_loss": 2.0}], history=[{"step": 0, "kl": 1.0}])

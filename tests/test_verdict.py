@@ -35,8 +35,8 @@ def decimals_of(text: str) -> int:
 
 
 def is_rounding_of(text: str, x: float) -> bool:
-    """text is x correctly rounded at text's own number of decimals."""
-    return text == f"{x:.{decimals_of(text)}f}"
+    """text is x correctly rounded at text's own number of decimals (-0.0 prints as 0, as fmt prints it)."""
+    return text == f"{x + 0.0:.{decimals_of(text)}f}"
 
 
 def check_gap(gap_text: str, value: float, bound: float) -> None:
@@ -219,3 +219,122 @@ def test_evaluate_spec_rule_evaluates_expressions():
 def test_discriminate_table(real, shuf, outcome):
     out = discriminate(real, shuf)
     assert out["outcome"] == outcome and out["meaning"]
+
+
+# ------------------------------------------------------------------------------ strong results
+
+STRONG_RE = re.compile(rf"^(?:strong result: (?P<m>\S+) (?P<v>{NUM}) (?P<op>[<≤>≥]) (?P<b>{NUM})|"
+                       rf"not a strong result: (?P<m2>\S+) (?P<v2>{NUM}) (?P<nop>[<≤>≥]) (?P<b2>{NUM}) "
+                       rf"\(strong if (?P<op2>[<≤>≥]) (?P<b3>{NUM})\))$")
+HOLDS = {"<": lambda v, b: v < b, "≤": lambda v, b: v <= b, ">": lambda v, b: v > b, "≥": lambda v, b: v >= b}
+
+
+def test_strong_result_sentences_and_combination():
+    from ablate.verdict import strong_result
+
+    r = strong_result("content_gain", "on_real", 0.0071, {"at_least": 0.005}, {})
+    assert r["strong"] is True and r["sentence"] == "strong result: content_gain 0.00710 ≥ 0.00500"
+    r2 = strong_result("content_gain", "on_real", 0.0021, {"at_least": 0.005}, {})
+    assert r2["strong"] is False
+    assert r2["sentence"] == "not a strong result: content_gain 0.00210 < 0.00500 (strong if ≥ 0.00500)"
+    r3 = strong_result("content_gain", "on_real", None, {"at_least": 0.005}, {})
+    assert r3["strong"] is None and "no value" in r3["sentence"]
+    r4 = strong_result("alpha", "c", 0.21, {"outside": [0.14, "0.1 * 2"]}, {})
+    assert r4["strong"] is True and r4["sentence"] == "strong result: alpha 0.2100 outside [0.1400, 0.2000 (0.1 * 2)]"
+    # A strong bound is never a crossing: one crossed threshold stays a soft signal, now marked strong.
+    rows = _rows({"a": "BREAK", "content_gain": "HOLD"})
+    out = combine(rows, strong=[r])
+    assert (out["crossed"], out["label"], out["strong"], out["strong_results"]) == (1, "soft signal", True, [r])
+    assert combine(rows, strong=[r2, r3])["strong"] is False
+
+
+@SETTINGS
+@given(kind=st.sampled_from(list(OPS)), bound=finite, data=st.data())
+def test_strong_result_sentence_agrees_with_the_arithmetic(kind, bound, data):
+    from ablate.verdict import strong_result
+
+    value = data.draw(near(bound))
+    r = strong_result("m", "c", value, {kind: bound}, {})
+    m = STRONG_RE.match(r["sentence"])
+    assert m, r["sentence"]
+    assert is_rounding_of(m["v"] or m["v2"], value) and is_rounding_of(m["b"] or m["b2"], bound)
+    exact = HOLDS[OPS[kind]](Fraction(value), Fraction(bound))
+    assert r["strong"] is exact and (m["op"] is not None) is exact
+    if not exact:  # the printed negated comparison is true of the exact numbers
+        assert m["op2"] == OPS[kind] and HOLDS[m["nop"]](Fraction(value), Fraction(bound))
+
+
+def test_strong_bounds_of_the_reference_specs_and_the_older_form():
+    from pathlib import Path
+
+    from ablate.spec import load_spec, spec_from_dict
+
+    for name in ("zeb136", "zeb138", "zeb139"):
+        spec = load_spec(Path(__file__).resolve().parent.parent / "specs" / f"{name}.toml")
+        (b,) = spec.combine.strong_bounds(spec.thresholds)
+        assert (b.metric, b.cells, b.strong_if.kind(), b.strong_if.bounds()) == \
+            ("content_gain", ["router_on_real"], "at_least", [0.005])
+        gain = next(t for t in spec.thresholds if t.metric == "content_gain")
+        assert gain.break_if.bounds() == [0.001]  # the crossing stays its own, weaker bound
+    raw = {"name": "x", "corpus": {"plugin": "synthetic"}, "teacher": {"plugin": "llama-local"},
+           "cells": [{"name": "a"}], "thresholds": [{"name": "g", "metric": "content_gain", "cells": ["a"],
+                                                     "break_if": {"at_least": 0.001}}],
+           "combine": {"strong": ["g"]}}
+    (b,) = spec_from_dict(raw).combine.strong_bounds(spec_from_dict(raw).thresholds)
+    assert (b.metric, b.cells, b.strong_if.kind(), b.strong_if.bounds()) == ("content_gain", ["a"], "at_least", [0.001])
+
+
+# ------------------------------------------------------------------------------ battery rubric
+
+ZEB136_L2_REAL = {  # reference §8.5, ZEB-136 router-off pair, L2 real, and the pair's cross-run C
+    "retrieval_unique_frac_L2": 0.13860, "attn_entropy_L2": 0.6310, "retrieval_gap_L2": 0.0387,
+    "inj_ratio_L2": 0.0484, "inj_axis_rms_L2": 0.0897, "inj_hidden_abs_cos_L2": 0.0384,
+    "content_swap_abs_cos_L2": 0.2060, "topk_jaccard_mean_L2": 0.0008, "row_usage_cv_L2": 0.7842,
+    "v_rank_hard_ratio_L2": 1.0, "cross_run_inj_cos_L2": 0.8730, "cross_run_inj_abs_cos_L2": 0.8730,
+}
+
+
+def test_rubric_reads_the_published_battery_as_the_reference_did():
+    from ablate.verdict import read_battery
+
+    assert read_battery(ZEB136_L2_REAL, 2) == {
+        "retrieval": "healthy", "injection": "live", "residual": "non-residual",
+        "alignment": "distributional alignment (D*)",  # the reference's verdict for this pair
+        "V content": "in between", "per-token retrieval": "dispersive", "occupancy": "uneven",
+        "V rank": "no compression"}
+    assert read_battery({k: v for k, v in ZEB136_L2_REAL.items() if k != "row_usage_cv_L2"}, 2)["occupancy"] is None
+    assert read_battery(ZEB136_L2_REAL, 5) == dict.fromkeys(read_battery(ZEB136_L2_REAL, 2), None)
+
+
+@pytest.mark.parametrize("changes, topic, word", [
+    ({"retrieval_unique_frac_L2": 0.05, "attn_entropy_L2": 0.9, "retrieval_gap_L2": 0.05}, "retrieval", "broken"),
+    ({"retrieval_unique_frac_L2": 0.0501, "attn_entropy_L2": 0.9, "retrieval_gap_L2": 0.05}, "retrieval", "healthy"),
+    ({"inj_ratio_L2": 0.01, "cross_run_inj_abs_cos_L2": 0.1}, "injection", "broken"),
+    ({"inj_ratio_L2": 0.05, "cross_run_inj_abs_cos_L2": 0.1}, "injection", "I* (sizeable but not shared across runs)"),
+    ({"inj_axis_rms_L2": 0.9, "inj_hidden_abs_cos_L2": 0.5}, "residual", "fixed residual amplifier"),
+    ({"inj_axis_rms_L2": 0.9, "inj_hidden_abs_cos_L2": 0.3}, "residual", "in between"),
+    ({"inj_axis_rms_L2": 0.51}, "alignment", "not D*"),
+    ({"content_swap_abs_cos_L2": 0.8}, "V content", "content-blind"),
+    ({"content_swap_abs_cos_L2": 0.2}, "V content", "content-sensitive"),
+    ({"topk_jaccard_mean_L2": 0.8}, "per-token retrieval", "fixed"),
+    ({"row_usage_cv_L2": 2.0}, "occupancy", "collapsed"),
+    ({"row_usage_cv_L2": 1.0}, "occupancy", "dominated"),
+    ({"row_usage_cv_L2": 0.3}, "occupancy", "near-uniform"),
+    ({"v_rank_hard_ratio_L2": 0.8}, "V rank", "compresses"),
+    ({"v_rank_hard_ratio_L2": 0.5}, "V rank", "compresses severely"),
+])
+def test_rubric_bounds_are_inclusive_and_ordered(changes, topic, word):
+    from ablate.verdict import read_battery
+
+    assert read_battery({**ZEB136_L2_REAL, **changes}, 2)[topic] == word
+
+
+def test_rubric_text_names_every_bound():
+    from ablate.verdict import BATTERY_RUBRIC, rubric_text
+
+    text = rubric_text()
+    for reading in BATTERY_RUBRIC:
+        assert f"{reading.topic}: " in text and f"else {reading.otherwise}" in text
+        for word, conds in reading.outcomes:
+            assert f"{word} if " + " and ".join(
+                f"{c.label} ({c.metric.removesuffix('_L{l}')}) {OPS[c.kind]} {c.bound:g}" for c in conds) in text

@@ -98,10 +98,13 @@ class RMSNorm(nn.Module):
         return (normed * self.weight).to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_seq_len, head_dim/2] of position·θ^(−2j/head_dim), computed in float64."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_seq_len, head_dim/2] float32 of position·θ^(−2j/head_dim), computed in
+    `dtype`: float64 (ablate's default), or float32 as the reference does (§11.4: logits move by
+    ≈1e-5 at T = 2048)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=dtype) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=dtype), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -204,6 +207,12 @@ class Backbone(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=module.in_features ** -0.5)
         nn.init.normal_(self.embed.weight, std=self.config.hidden_dim ** -0.5)
+
+    def use_float32_rope(self) -> None:
+        """Recompute the RoPE tables in float32, as the reference does (numerics = "upstream")."""
+        c = self.config
+        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, torch.float32)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

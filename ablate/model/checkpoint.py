@@ -1,7 +1,9 @@
 """Backbone checkpoints: safetensors weights plus the BackboneConfig in the file's metadata.
 
 Loading is strict (zeb139-experiment.md §9.4): the architecture is never guessed, every backbone
-tensor must be in the file, and any other key must match an explicitly ignored prefix.
+tensor must be in the file, and any other key must match an explicitly ignored prefix. The
+reference's own checkpoints (checkpoint.pt, model_step_N.safetensors) are imported by
+ablate.model.reference_import, which this module dispatches to when it detects one.
 """
 
 from __future__ import annotations
@@ -111,6 +113,15 @@ def _backbone_keys(path: Path, tensors: dict[str, torch.Tensor],
     return found, unexpected
 
 
+def checkpoint_format(path: str | os.PathLike) -> str:
+    """"ablate" (this module's safetensors, or any file with the backbone's tensor names), or the
+    reference's "torch-pickle" (checkpoint.pt) / "reference-safetensors" (model_step_N.safetensors),
+    detected from the file's bytes and tensor names (see ablate.model.reference_import)."""
+    from ablate.model.reference_import import detect_format
+
+    return detect_format(Path(path))
+
+
 def load_backbone(path: str | os.PathLike, expected: BackboneConfig | None = None,
                   allow_missing_prefixes: Iterable[str] = ("engram_injections.",
                                                            "engram_skip_router."),
@@ -123,24 +134,34 @@ def load_backbone(path: str | os.PathLike, expected: BackboneConfig | None = Non
     Keys starting with an `ignore_unexpected_prefixes` entry are skipped; any other unknown key,
     any missing backbone tensor not covered by `allow_missing_prefixes` (the defaults name only
     student-side modules, so every backbone tensor must load), any shape mismatch, and any
-    difference between the stored config and `expected` raise InputError.
+    difference between the stored config and `expected` raise InputError. A reference checkpoint
+    (checkpoint.pt or model_step_N.safetensors) is imported instead: reference_import.
     """
     path = Path(path)
+    if path.is_file() and checkpoint_format(path) != "ablate":
+        from ablate.model.reference_import import import_reference
+
+        return import_reference(path, expected)[0]
     tensors, metadata = _read(path)
     config = _resolve_config(path, _stored_config(path, metadata), expected)
     found, unexpected = _backbone_keys(path, tensors, tuple(ignore_unexpected_prefixes))
+    return build_checked(path, config, found, unexpected, tuple(allow_missing_prefixes))
 
+
+def build_checked(path: Path, config: BackboneConfig, found: dict[str, torch.Tensor],
+                  unexpected: list[str], allow_missing_prefixes: tuple[str, ...] = ()) -> Backbone:
+    """A Backbone(config) holding `found` (backbone names → tensors), with strict accounting:
+    unexpected or missing tensors and shape mismatches raise InputError naming `path`."""
     with torch.random.fork_rng(devices=[]):  # building must not disturb the caller's RNG
         backbone = Backbone(config)
     own = backbone.state_dict()
-    unexpected += [k for k in found if k not in own]
+    unexpected = unexpected + [k for k in found if k not in own]
     if unexpected:
         raise InputError(f"Backbone checkpoint {str(path)!r} has unexpected tensor(s) "
                          f"{sorted(unexpected)}: they belong to no backbone of this config. Use "
                          "a checkpoint of this architecture, or add their prefix to "
                          "ignore_unexpected_prefixes if they are known extras.")
-    missing = [k for k in own if k not in found
-               and not k.startswith(tuple(allow_missing_prefixes))]
+    missing = [k for k in own if k not in found and not k.startswith(allow_missing_prefixes)]
     if missing:
         raise InputError(f"Backbone checkpoint {str(path)!r} lacks backbone tensor(s) "
                          f"{sorted(missing)}; loading it would leave them randomly initialised. "

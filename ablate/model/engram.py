@@ -9,7 +9,9 @@ Reference: zeb139-experiment.md §2.3–2.6. Per position, with h [B, T, d] and 
 The top-k choice is not differentiable; β·s is the only path by which W_r gets gradient. The
 similarity search runs in float32 even under autocast, so bf16 rounding cannot reorder the
 top-k; the full [B, T, N] similarity lives only inside a no-grad region and the k winning
-similarities are recomputed with gradient.
+similarities are recomputed with gradient. `similarity="autocast"` (numerics = "upstream")
+computes the cosines in the autocast dtype as the reference does (§11.4: under bf16 another
+top-8 set at ≈14% of positions) and keeps the k winners of that [B, T, N] tensor with gradient.
 
 ⟨Q, K⟩ and Σ_k attn·V run over k ≤ 16 rows per position: they are written as broadcast
 products summed over one axis, which torch.compile fuses into one pass over K and V, instead of
@@ -67,10 +69,11 @@ def v_contrast(out: torch.Tensor, out_swapped: torch.Tensor) -> torch.Tensor:
 
 class EngramCrossAttention(nn.Module):
     def __init__(self, hidden_dim: int, engram_dim: int, num_heads: int = 8, top_k: int = 8,
-                 retrieval_bias: float = 1.0):
+                 retrieval_bias: float = 1.0, similarity: str = "float32"):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, hidden_dim // num_heads
         self.top_k, self.retrieval_bias = top_k, retrieval_bias
+        self.similarity = similarity  # "float32" | "autocast" (the reference's)
         self.W_r = nn.Linear(hidden_dim, engram_dim, bias=False)
         self.row_norm = nn.LayerNorm(engram_dim, eps=1e-6)
         self.W_q = nn.Linear(hidden_dim, hidden_dim, bias=False)
@@ -82,8 +85,14 @@ class EngramCrossAttention(nn.Module):
         nn.init.zeros_(self.W_o.weight)  # the ungated module is a no-op at step 0 (§2.3)
 
     def retrieve(self, h: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [B, T, d], table [N, E] → (indices [B, T, k] int64, sims [B, T, k] float32)."""
+        """h [B, T, d], table [N, E] → (indices [B, T, k] int64, sims [B, T, k] float32, or the
+        autocast dtype with similarity="autocast")."""
         r = self.W_r(h)
+        if self.similarity == "autocast":
+            cos = torch.einsum("btd,nd->btn", F.normalize(r, dim=-1, eps=1e-8),
+                               F.normalize(table, dim=-1, eps=1e-8))
+            best = cos.topk(self.top_k, dim=-1)
+            return best.indices, best.values
         with torch.autocast(device_type=h.device.type, enabled=False):
             r = F.normalize(r.float(), dim=-1, eps=1e-8)
             rows = F.normalize(table.float(), dim=-1, eps=1e-8)

@@ -42,6 +42,7 @@ class EngramConfig:
     gate_init: float = 0.0
     router: bool = False
     alpha_init: float = 0.1
+    numerics: str = "ablate"  # "upstream": similarities in the autocast dtype, no router at inject_mult 0
 
     def check(self, num_layers: int, hidden_dim: int) -> None:
         """Raise InputError when this config cannot sit on a backbone of that shape."""
@@ -93,8 +94,8 @@ class Student(nn.Module):
         self.backbone = backbone
         self.engram_injections = nn.ModuleDict({
             str(i): GatedEngramInjection(
-                EngramCrossAttention(d, cfg.engram_dim, cfg.num_heads, cfg.top_k,
-                                     cfg.retrieval_bias),
+                EngramCrossAttention(d, cfg.engram_dim, cfg.num_heads, cfg.top_k, cfg.retrieval_bias,
+                                     similarity="autocast" if cfg.numerics == "upstream" else "float32"),
                 gate_init=cfg.gate_init)
             for i in cfg.inject_layers
         })
@@ -175,7 +176,8 @@ class Student(nn.Module):
 
         logits = self.backbone.logits(self.backbone(tokens, after_layer))
         router_logits = aligned = None
-        if self.engram_skip_router is not None:
+        skip_router = inject_mult == 0 and self.cfg.numerics == "upstream"  # the reference skips it there
+        if self.engram_skip_router is not None and not skip_router:
             aligned = self.engram_skip_router.W_align(e)
             # α · (aligned · Eᵀ) computed as (α · aligned) · Eᵀ: the scalar meets [B, T, d], not
             # [B, T, V], so no [B, T, V] product is kept for α's gradient.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob as globlib
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
@@ -39,6 +40,36 @@ def split_tail(stream: np.ndarray, val_fraction: float, eos_id: int, what: str) 
                          f"val_fraction={val_fraction}: each part needs at least 2 tokens. Add data "
                          f"or change val_fraction.")
     return stream[:cut], stream[cut:]
+
+
+def split_chunks(stream: np.ndarray, val_fraction: float, chunk: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """stream [N] → (train, val) as the reference splits (§4.1, §11.4): the stream cut into
+    ⌊N/chunk⌋ non-overlapping chunks (a shorter tail dropped), the last ⌊val_fraction·chunks⌋
+    chunks are validation, the rest train."""
+    n_chunks = stream.size // chunk
+    n_val = math.floor(val_fraction * n_chunks)
+    if n_val < 1 or n_chunks - n_val < 1:
+        raise InputError(f"{what} has {stream.size} tokens = {n_chunks} chunks of {chunk}: too few for a chunk-aligned "
+                         f"split with val_fraction={val_fraction} (it needs ⌊val_fraction·chunks⌋ ≥ 1 and a train "
+                         f"chunk). Add data, raise val_fraction, lower val_chunk, or use val_split = \"tail\".")
+    cut = (n_chunks - n_val) * chunk
+    return stream[:cut], stream[cut:n_chunks * chunk]
+
+
+class SplitParams(Params):
+    """How a single stream becomes train and validation (text and token-file corpora)."""
+
+    val_fraction: float = Field(0.01, ge=0.001, le=0.5)
+    val_split: Literal["tail", "chunks"] = Field(
+        "tail", description='"tail": the last val_fraction of tokens, moved to a document boundary; "chunks": the '
+                            "last ⌊val_fraction·chunks⌋ of val_chunk-token chunks (the reference's; the default "
+                            'under numerics = "upstream")')
+    val_chunk: int = Field(2048, ge=2, description='chunk length of val_split = "chunks"')
+
+    def split_stream(self, stream: np.ndarray, eos_id: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+        if self.val_split == "chunks":
+            return split_chunks(stream, self.val_fraction, self.val_chunk, what)
+        return split_tail(stream, self.val_fraction, eos_id, what)
 
 
 def _token_corpus(train: np.ndarray, val: np.ndarray, vocab_size: int, eos_id: int,
@@ -163,12 +194,11 @@ def load_tokenizer(path: Path, eos_token: str | None):
                      f"`eos_token` to the token that separates documents in this vocabulary.")
 
 
-class TextParams(Params):
+class TextParams(SplitParams):
     tokenizer: Path | None = Field(None, description="tokenizer.json or HF tokenizer dir; none → train BPE")
     vocab_size: int = Field(8192, ge=300, description="size of the byte-level BPE trained when no tokenizer is given")
     eos_token: str | None = Field(None, description=f"document separator; default {DEFAULT_EOS_TOKEN} for a "
                                                     f"trained BPE, the tokenizer's own EOS otherwise")
-    val_fraction: float = Field(0.01, ge=0.001, le=0.5)
     max_tokens: int | None = Field(None, ge=4, description="stop after this many tokens")
 
 
@@ -177,6 +207,12 @@ class _TextCorpus(Corpus):
 
     def documents(self) -> Iterator[str]:
         raise NotImplementedError
+
+    def tokenizer_file(self) -> Path | None:
+        return None if self.params.tokenizer is None else _tokenizer_file(self.params.tokenizer)[0]
+
+    def known_vocab_size(self) -> int | None:
+        return self.params.vocab_size if self.params.tokenizer is None else None  # else the tokenizer's
 
     def source(self) -> str:
         raise NotImplementedError
@@ -194,7 +230,7 @@ class _TextCorpus(Corpus):
             tok, file, eos_id = load_tokenizer(p.tokenizer, p.eos_token)
             shutil.copyfile(file, saved)
         stream = self._encode(tok, eos_id, progress)
-        train, val = split_tail(stream, p.val_fraction, eos_id, f"The corpus at {self.source()}")
+        train, val = p.split_stream(stream, eos_id, f"The corpus at {self.source()}")
         info = {"source": self.source(), "tokenizer": str(p.tokenizer) if p.tokenizer else "trained byte-level BPE",
                 "structure": f"text from {self.source()}, documents joined by EOS id {eos_id}"}
         return _token_corpus(train, val, tok.get_vocab_size(with_added_tokens=True), eos_id, saved, info)
@@ -294,12 +330,13 @@ class TextFilesCorpus(_TextCorpus):
 # ---------------------------------------------------------------------------- token shards
 
 
-class TokenFilesParams(Params):
+class TokenFilesParams(SplitParams):
     paths: list[str] | str = Field(description="shard files or glob patterns, concatenated in order")
     vocab_size: int = Field(ge=2)
     eos_id: int = Field(ge=0)
     tensor: str = Field("tokens", description="tensor name inside .safetensors shards")
-    val_fraction: float = Field(0.01, ge=0.001, le=0.5, description="tail split; unused with val_paths")
+    tokenizer: Path | None = Field(None, description="the tokenizer that made the ids: tokenizer.json or HF "
+                                                     "tokenizer dir (compared id by id with the teacher's)")
     val_paths: list[str] | str | None = Field(None, description="separate validation shards")
 
     @model_validator(mode="after")
@@ -348,7 +385,11 @@ def read_shard(path: Path, tensor: str) -> np.ndarray:
 class TokenFilesCorpus(Corpus):
     name = "token-files"
     Params = TokenFilesParams
-    description = "Pre-tokenised shards (.npy or .safetensors of integer ids), concatenated in order."
+    description = ("Pre-tokenised shards (.npy or .safetensors of integer ids), concatenated in order; "
+                   "`tokenizer` names the tokenizer that made them.")
+
+    def tokenizer_file(self) -> Path | None:
+        return None if self.params.tokenizer is None else _tokenizer_file(self.params.tokenizer)[0]
 
     def _read(self, patterns, progress: Progress) -> np.ndarray:
         parts = []
@@ -367,14 +408,15 @@ class TokenFilesCorpus(Corpus):
         p = self.params
         stream = self._read(p.paths, progress)
         if p.val_paths is None:
-            train, val = split_tail(stream, p.val_fraction, p.eos_id, f"The token shards {p.paths}")
+            train, val = p.split_stream(stream, p.eos_id, f"The token shards {p.paths}")  # val_* unused with val_paths
         else:
             train, val = stream, self._read(p.val_paths, progress)
             if train.size < 2 or val.size < 2:
                 raise InputError(f"Token shards need at least 2 tokens in train ({train.size}) and validation "
                                  f"({val.size}). Check [corpus] paths and val_paths.")
-        info = {"source": str(p.paths), "structure": f"pre-tokenised shards, EOS id {p.eos_id}"}
-        return _token_corpus(train, val, p.vocab_size, p.eos_id, None, info)
+        info = {"source": str(p.paths), "structure": f"pre-tokenised shards, EOS id {p.eos_id}",
+                "tokenizer": str(p.tokenizer) if p.tokenizer else None}
+        return _token_corpus(train, val, p.vocab_size, p.eos_id, self.tokenizer_file(), info)
 
 
 # ------------------------------------------------------------------------------ HF datasets

@@ -2,6 +2,8 @@
 cells, measures. Every probe reads the CellView's fixed probe batches ([B, T+1]; inputs are
 [:, :-1]) inside `probing(view)`: eval mode, fp32 with autocast off, no_grad. None installs a
 hook (traces come from the student's own `trace=True` output), so nothing is left behind.
+The rest of the η-B battery (W, A, X, Q, V of §7.5) is in ablate_builtins.battery, registered
+by the hook below.
 
 Cosines of an all-zero vector read 0 (eps-guarded), e.g. router logits while W_align = 0.
 """
@@ -73,6 +75,13 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def w_align_drift(W: torch.Tensor) -> float:
+    """‖W − W_init‖_F / √(d/3) for W_align [d, d] (W_init = 0, §3): the drift in units of the
+    Frobenius norm a default-initialised nn.Linear(d, d) would have (entries U(−1/√d, 1/√d),
+    E‖W‖_F² = d/3), since '2× init' means nothing at a zero init (engine.CONVENTIONS)."""
+    return float(W.double().norm() / math.sqrt(W.shape[1] / 3))
+
+
 def last_val_loss(view: CellView) -> float | None:
     return float(view.evals[-1]["val_loss"]) if view.evals else None
 
@@ -119,9 +128,10 @@ class RouterFingerprint(Probe):
         "log_alpha": "the router's log scale log_alpha (nats)",
         "alpha": "α = exp(log_alpha), the router's logit scale (unitless; a logit multiplier, not a mixture weight)",
         "w_align_norm": "‖W_align‖_F, Frobenius norm of the router's d×d alignment matrix (unitless)",
-        "w_align_drift": "‖W_align − W_align_init‖_F / √d with W_align_init = 0: ablate's operational drift at "
-                         "zero init; √d is the Frobenius norm of a default-initialised d×d Linear (variance "
-                         "1/fan_in), so 1.0 = W_align moved as far as a fresh layer's whole size (unitless)",
+        "w_align_drift": "‖W_align − W_align_init‖_F / √(d/3) with W_align_init = 0: the drift in units of the "
+                         "Frobenius norm of a default-initialised d×d nn.Linear (U(−1/√d, 1/√d), E‖W‖_F² = d/3; "
+                         "13.0639 at d = 512), so 1.0 = moved as far as a fresh layer is large; the reference "
+                         "specs' threshold 0.3 ≈ 2× the CE-only router's drift (unitless)",
         "engram_logit_entropy": "mean over positions of −Σ_v P_r log P_r, P_r = softmax(z_r), P clamped at 1e-12 "
                                 "inside the log (nats; uniform = ln V)",
         "max_lm_head_row_cos": "mean over positions of max_v |cos(W_align e, E_v)| over the LM-head rows E_v "
@@ -137,12 +147,11 @@ class RouterFingerprint(Probe):
             return {}
         W = router.W_align.weight.detach().float()
         E = view.student.backbone.lm_head_weight.detach().float()
-        d = W.shape[1]
         out = {
             "log_alpha": router.log_alpha.item(),
             "alpha": router.alpha.item(),
             "w_align_norm": float(W.norm()),
-            "w_align_drift": float(W.norm() / math.sqrt(d)),
+            "w_align_drift": w_align_drift(W),
             "log_vocab": math.log(E.shape[0]),
         }
         E_unit = F.normalize(E, dim=-1, eps=COS_EPS)
@@ -190,6 +199,8 @@ class RetrievalBattery(Probe):
     scope = "cell"
     description = "Per injection layer: retrieval diversity, peakedness, attention entropy, injection size (§7.5 D/P/E/M)."
     metrics = {
+        "retrieval_unique_rows_L{l}": "D: number of distinct table rows among the B·T·k retrieved slots of a batch, "
+                                      "averaged over batches (rows)",
         "retrieval_unique_frac_L{l}": "distinct table rows among the B·T·k retrieved slots of a batch, as a fraction "
                                       "of B·T·k, averaged over batches (unitless)",
         "retrieval_top1_L{l}": "mean cosine similarity of the best retrieved row (unitless)",
@@ -218,8 +229,10 @@ def battery(l: int, tr) -> dict[str, float]:
     top1, topk = sims.amax(-1).mean(), sims.amin(-1).mean()
     attn_entropy = -torch.special.xlogy(attn, attn).sum(-1) / math.log(k)
     ratio = tr.inj.float().norm(dim=-1) / tr.h_in.float().norm(dim=-1).clamp_min(COS_EPS)
+    unique = x.indices.unique().numel()
     return {
-        f"retrieval_unique_frac_L{l}": x.indices.unique().numel() / x.indices.numel(),
+        f"retrieval_unique_rows_L{l}": float(unique),
+        f"retrieval_unique_frac_L{l}": unique / x.indices.numel(),
         f"retrieval_top1_L{l}": float(top1),
         f"retrieval_topk_L{l}": float(topk),
         f"retrieval_gap_L{l}": float(top1 - topk),
@@ -254,8 +267,10 @@ class CrossRun(Probe):
     metrics = {
         "cross_run_cos": "mean over positions of cos(z_r real, z_r shuffled) of the raw router logits (not "
                          "probabilities, not centred), averaged over batches (unitless, in [−1, 1])",
-        "cross_run_inj_cos_L{l}": "mean signed cosine between the two cells' injections after layer l at matched "
+        "cross_run_inj_cos_L{l}": "C: mean signed cosine between the two cells' injections after layer l at matched "
                                   "tokens (unitless, in [−1, 1])",
+        "cross_run_inj_abs_cos_L{l}": "C |abs|: mean absolute cosine between the two cells' injections after layer l "
+                                      "at matched tokens (unitless, in [0, 1])",
     }
 
     def run(self, real: CellView, shuffled: CellView) -> dict[str, float]:
@@ -268,8 +283,9 @@ class CrossRun(Probe):
                 if both_routed:
                     per.setdefault("cross_run_cos", []).append(float(cosine(ra.router_logits, rb.router_logits).mean()))
                 for l in sorted(layers):
-                    c = cosine(ra.traces[l].inj, rb.traces[l].inj).mean()
-                    per.setdefault(f"cross_run_inj_cos_L{l}", []).append(float(c))
+                    c = cosine(ra.traces[l].inj, rb.traces[l].inj)
+                    per.setdefault(f"cross_run_inj_cos_L{l}", []).append(float(c.mean()))
+                    per.setdefault(f"cross_run_inj_abs_cos_L{l}", []).append(float(c.abs().mean()))
         return {key: mean(vs) for key, vs in per.items()}
 
 
@@ -312,5 +328,7 @@ BUILTIN_PROBES = (FinalLoss, Gates, RouterFingerprint, KLTrajectory, RetrievalBa
 
 @hookimpl
 def ablate_probes(register):
-    for probe in BUILTIN_PROBES:
+    from ablate_builtins.battery import BATTERY_PROBES  # imported here: battery uses this module's helpers
+
+    for probe in (*BUILTIN_PROBES, *BATTERY_PROBES):
         register(probe)

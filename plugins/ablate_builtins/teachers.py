@@ -205,6 +205,11 @@ class HFCausalLMTeacher(Teacher):
         resolve_layer(self.params.layer, config.get("num_hidden_layers", 0), str(directory))
         check_hf_vocab(directory, config, corpus_vocab_size)
 
+    def tokenizer(self) -> Path | None:
+        """The model directory's tokenizer.json; None when it ships none (only the health check guards)."""
+        file = locate_hf_model(self.params.model, self.params.revision, need_weights=False) / "tokenizer.json"
+        return file if file.is_file() else None
+
     def prepare(self, ctx: TeacherContext) -> dict[str, Any]:
         resolved = locate_hf_model(self.params.model, self.params.revision, not self.params.random_init)
         return {"source": self.params.model, "resolved": str(resolved), "random_weights": self.params.random_init}
@@ -267,6 +272,9 @@ class LlamaLocalTeacher(Teacher):
     Params = LlamaLocalParams
     description = ("A small Llama trained on the corpus's train stream in the teacher stage (the "
                    "embedded default: no download), then loaded like any HF model directory.")
+
+    def tokenizer(self) -> str:
+        return "corpus"  # trained on the corpus's own ids
 
     def check(self, corpus_vocab_size: int) -> None:
         if corpus_vocab_size < 2:
@@ -406,6 +414,9 @@ class SameArchTeacher(Teacher):
             raise InputError(f"same-arch teacher checkpoint {path} stores no backbone config, so its "
                              f"architecture is unknown. Re-save it with ablate's save_backbone.")
         return BackboneConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+
+    def tokenizer(self) -> str | None:
+        return "corpus" if self.params.checkpoint is None else None  # a checkpoint's tokenizer is unknown
 
     def check(self, corpus_vocab_size: int) -> None:
         if self.params.checkpoint is None:
