@@ -19,6 +19,7 @@ from ablate.oracle import NextTokenScore
 from ablate.spec import spec_from_dict
 from ablate.stages import load_corpus
 from cli_run import ablate_in
+from micro_spec import MICRO_SPEC
 
 V = 64
 
@@ -52,54 +53,13 @@ def test_the_bound_is_a_checked_expression():
     assert spec_from_dict(raw).oracle.teacher_max_ce == "log_vocab - 0.5"
 
 
-SPEC = """
-name = "{name}"
-[corpus]
-{corpus}
-[backbone]
-hidden_dim = 16
-num_layers = 2
-num_query_heads = 2
-num_kv_heads = 1
-head_dim = 8
-ffn_dim = 32
-max_seq_len = 64
-pretrain = {{ steps = 2, batch = 2, seq_len = 32 }}
-[teacher]
-{teacher}
-[oracle]
-rows = 64
-engram_dim = 8
-seq_len = 32
-pca_sample_min = 16
-cos_sample = 16
-[model]
-inject_layers = [1]
-top_k = 4
-num_heads = 2
-[train]
-steps = 2
-batch = 2
-seq_len = 32
-warmup = 1
-eval_every = 2
-eval_batches = 1
-aux_warmup = 1
-precision = "fp32"
-[probes]
-batches = 1
-batch = 1
-seq_len = 32
-[[cells]]
-name = "router_off_real"
-"""
 OWN_CORPUS = f'plugin = "synthetic"\nvocab_size = {V}\nn_tokens = 20_000'
 LLAMA = ('plugin = "llama-local"\nhidden_size = 32\nnum_layers = 1\nnum_heads = 2\nnum_kv_heads = 1\n'
          'intermediate_size = 64\nsteps = 60\nbatch = 8\nseq_len = 32\nlr = 1e-2\nwarmup = 5')
 
 
 def run(tmp_path: Path, monkeypatch, name: str, corpus: str, teacher: str, *extra: str) -> int:
-    (tmp_path / f"{name}.toml").write_text(SPEC.format(name=name, corpus=corpus, teacher=teacher))
+    (tmp_path / f"{name}.toml").write_text(MICRO_SPEC.format(name=name, corpus=corpus, teacher=teacher))
     return ablate_in(tmp_path, monkeypatch, "run", f"{name}.toml", "--quiet", "--device", "cpu", *extra)
 
 

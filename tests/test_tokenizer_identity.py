@@ -17,6 +17,7 @@ from ablate import tokenizer_identity
 from ablate.errors import SpecError
 from ablate_builtins.teachers import HFCausalLMTeacher, LlamaLocalTeacher
 from cli_run import ablate_in
+from micro_spec import MICRO_SPEC
 
 V = 40
 WORDS = ["<unk>", "</s>"] + [f"w{i}" for i in range(2, V)]
@@ -51,54 +52,6 @@ def save_teacher(directory: Path, order: list[str]) -> None:
     save_tokenizer(directory, order)
 
 
-SPEC = """
-name = "tokid"
-[corpus]
-plugin = "token-files"
-paths = ["shard.npy"]
-vocab_size = {V}
-eos_id = 1
-tokenizer = "tok_a"
-[backbone]
-hidden_dim = 16
-num_layers = 2
-num_query_heads = 2
-num_kv_heads = 1
-head_dim = 8
-ffn_dim = 32
-max_seq_len = 64
-pretrain = {{ steps = 2, batch = 2, seq_len = 32 }}
-[teacher]
-plugin = "hf-causal-lm"
-model = "teacher"
-[oracle]
-rows = 64
-engram_dim = 8
-seq_len = 32
-pca_sample_min = 16
-cos_sample = 16
-[model]
-inject_layers = [1]
-top_k = 4
-num_heads = 2
-[train]
-steps = 2
-batch = 2
-seq_len = 32
-warmup = 1
-eval_every = 2
-eval_batches = 1
-aux_warmup = 1
-precision = "fp32"
-[probes]
-batches = 1
-batch = 1
-seq_len = 32
-[[cells]]
-name = "router_off_real"
-"""
-
-
 def mismatched_setup(tmp_path: Path) -> None:
     """tok_a made the corpus; the teacher ships a tokenizer of the same size with another id map."""
     save_tokenizer(tmp_path / "tok_a", WORDS)
@@ -106,7 +59,9 @@ def mismatched_setup(tmp_path: Path) -> None:
     ids = np.random.default_rng(1).integers(2, V, size=6000)
     ids[::50] = 1  # EOS
     np.save(tmp_path / "shard.npy", ids.astype(np.int32))
-    (tmp_path / "spec.toml").write_text(SPEC.format(V=V))
+    corpus = f'plugin = "token-files"\npaths = ["shard.npy"]\nvocab_size = {V}\neos_id = 1\ntokenizer = "tok_a"'
+    teacher = 'plugin = "hf-causal-lm"\nmodel = "teacher"'
+    (tmp_path / "spec.toml").write_text(MICRO_SPEC.format(name="tokid", corpus=corpus, teacher=teacher))
 
 
 def test_equal_size_different_id_maps_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
