@@ -143,6 +143,8 @@ def cell_key(spec, cell, inputs: dict[str, str], objective_cls) -> str:
         config["numerics"] = spec.numerics
     if spec.backbone.init_adapters:
         config["init_adapters"] = True
+    if cell.oracle != "real":  # a control variant is drawn from the oracle with these seeds (oracle_variants)
+        config["control_seeds"] = [spec.oracle.shuffle_seed, spec.oracle.gaussian_seed]
     return stage_key("cell", config, inputs, (objective_cls.__module__,))
 
 

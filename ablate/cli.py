@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--fresh", action="store_true", help="recompute every stage and cell of this spec")
+    p.add_argument("--executor", metavar="NAME", help="who runs the cells (default: the spec's [executor], else local)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("validate", help="check a spec and its plugins without running anything")
@@ -195,10 +196,13 @@ def compile_decision(spec) -> str:
 
 
 def cmd_run(args) -> int:
-    from ablate.engine import Experiment, Interrupted, exit_code, resolve_device
+    from ablate.engine import Experiment, Interrupted, resolve_device
+    from ablate.results import exit_code
     from ablate.ui import QuietUI, RichUI
 
     registry = _registry(args)
+    if args.executor:
+        args.overrides = [*args.overrides, f'executor.plugin="{args.executor}"']
     spec = _load(args, registry)
     device = resolve_device(args.device)
     ui = QuietUI() if args.quiet else RichUI(err_console)

@@ -56,3 +56,9 @@ class RunFailed(AblateError):
     def __init__(self, message: str, log: str | None = None):
         self.log = log
         super().__init__(message)
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: finished work is kept, the running cell saved its state. Exit code 130."""
+
+    exit_code = 130

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from ablate import expr
+from ablate.verdict import crosses
 
 
 def check_expectations(expect, results: dict, names: dict[str, float]) -> list[dict]:
@@ -23,15 +24,8 @@ def check_expectations(expect, results: dict, names: dict[str, float]) -> list[d
         metric, _, cell = key.partition("@")
         value = results["cells"].get(cell, {}).get("metrics", {}).get(metric)
         kind, bounds = rule.kind(), [expr.evaluate(b, names) for b in rule.bounds()]
-        met = value is not None and satisfies(kind, bounds, value)
+        met = value is not None and crosses(kind, value, bounds)  # the BREAK side of the rule
         want = f"{kind} {', '.join(f'{b:.4g}' for b in bounds)}"
         rows.append({"what": f"metric {key}", "expected": want, "got": "MISSING" if value is None else f"{value:.6g}", "met": met})
     return rows
 
-
-def satisfies(kind: str, bounds: list[float], value: float) -> bool:
-    """Whether `value` lies on the named side of the bounds (the BREAK side of a threshold rule)."""
-    lo = bounds[0]
-    return {"below": lambda: value < lo, "at_most": lambda: value <= lo, "above": lambda: value > lo,
-            "at_least": lambda: value >= lo, "outside": lambda: value < lo or value > bounds[1],
-            "inside": lambda: lo <= value <= bounds[1]}[kind]()

@@ -28,3 +28,8 @@ def ablate_objectives(register):
 @hookspec
 def ablate_probes(register):
     """Register Probe classes: register(MyProbe)."""
+
+
+@hookspec
+def ablate_executors(register):
+    """Register Executor classes (ablate.executors.Executor): register(MyExecutor)."""

@@ -25,7 +25,8 @@ from ablate import hookspecs
 from ablate.components import Component
 from ablate.errors import AblateError, InputError
 
-KINDS = {"corpus": "ablate_corpora", "teacher": "ablate_teachers", "objective": "ablate_objectives", "probe": "ablate_probes"}
+KINDS = {"corpus": "ablate_corpora", "teacher": "ablate_teachers", "objective": "ablate_objectives", "probe": "ablate_probes",
+         "executor": "ablate_executors"}
 HOOKS = sorted(KINDS.values())
 ENTRY_POINT_GROUP = "ablate"
 

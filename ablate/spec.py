@@ -344,6 +344,7 @@ class Spec(Strict):
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
     probes: ProbeSpec = ProbeSpec()
+    executor: PluginRef = PluginRef(plugin="local")  # who runs the cell jobs (ablate.executors)
     cells: list[CellSpec] = Field(min_length=1)
     sweep: SweepSpec | None = None
     thresholds: list[ThresholdSpec] = []
@@ -602,6 +603,7 @@ def _check_plugins(spec: Spec, registry) -> list[tuple[str, str]]:
 
     check("corpus", spec.corpus.plugin, spec.corpus.params(), "corpus")
     check("teacher", spec.teacher.plugin, spec.teacher.params(), "teacher")
+    check("executor", spec.executor.plugin, spec.executor.params(), "executor")
     from ablate import tokenizer_identity
 
     problems += tokenizer_identity.spec_problems(spec, registry)

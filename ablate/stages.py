@@ -349,7 +349,12 @@ def oracle_key(spec, teacher_key_: str, corpus_key_: str, vocab: int | None = No
         return stage_key("oracle", {**config, "source": "files", "files": hashes}, {}, ("ablate.oracle_files",))
     if spec.numerics != "ablate":  # only then: oracles built before the field existed keep their keys
         config["numerics"] = spec.numerics
+    for control_seed in CONTROL_SEEDS:  # the controls are drawn from the loaded oracle: part of the cells' keys
+        del config[control_seed]
     return stage_key("oracle", config, {"teacher": teacher_key_, "corpus": corpus_key_})
+
+
+CONTROL_SEEDS = ("shuffle_seed", "gaussian_seed")
 
 
 def oracle_stage(cache: Path, spec, teacher, teacher_stage_: StageResult, teacher_ctx, corpus_stage_: StageResult,

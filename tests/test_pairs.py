@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ablate.engine import attribute_pairs, unigram_entropy
+from ablate.results import attribute_pairs, unigram_entropy
 
 
 def _pair(real: str, control: str) -> dict:

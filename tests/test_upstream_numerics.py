@@ -148,7 +148,7 @@ def test_chunk_aligned_split_keeps_the_last_whole_chunks():
 
 
 def test_upstream_numerics_default_the_corpus_to_the_chunk_split_unless_set():
-    from ablate.engine import corpus_params
+    from ablate.preflight import corpus_params
     from ablate.plugins import load_registry
     from ablate.spec import spec_from_dict
 
