@@ -69,9 +69,17 @@ def train_config(spec, cell, device):
                        decay_frac=t.decay_frac, grad_clip=t.grad_clip, eval_every=t.eval_every,
                        eval_batches=t.eval_batches, log_every=t.log_every, precision=t.precision,
                        vcontrast_weight=t.vcontrast_weight, qdiv_weight=t.qdiv_weight, aux_warmup=t.aux_warmup,
-                       data_seed=t.data_seed, val_seed=t.val_seed, kl_seed=spec.oracle.seeds[0],
+                       data_seed=training_seeds(spec, cell)[1], val_seed=t.val_seed, kl_seed=spec.oracle.seeds[0],
                        n_rows=spec.oracle.rows, checkpoint_every=t.checkpoint_every,
                        compile=compile_cells(spec), numerics=spec.numerics, name=cell.name)
+
+
+def training_seeds(spec, cell) -> tuple[int, int]:
+    """(model_seed, data_seed) of a cell: train.model_seed and train.data_seed offset by the cell's
+    seed (`[sweep] seed`; seed 0 and no seed both train exactly as the spec says). The validation
+    windows (train.val_seed) and the probe batches are the same for every seed, so seeds compare paired."""
+    offset = cell.seed or 0
+    return spec.train.model_seed + offset, spec.train.data_seed + offset
 
 
 COMPILE_MIN_STEPS = 3000  # H100: compiling costs ~135 s cold and saves ~35 ms per step (docs/performance.md)
@@ -92,7 +100,7 @@ def build_student(spec, cell, backbone_path: Path, vocab_size: int, table: torch
 
     config = backbone_config(spec, vocab_size)
     backbone = load_backbone(backbone_path, expected=config)
-    torch.manual_seed(spec.train.model_seed)
+    torch.manual_seed(training_seeds(spec, cell)[0])
     if spec.numerics == "upstream":  # the reference seeds once, then builds the whole model: the
         weights = backbone.state_dict()  # backbone's init draws come before the adapters' (§11.4)
         backbone = Backbone(config)
@@ -137,7 +145,9 @@ def cell_key(spec, cell, inputs: dict[str, str], objective_cls) -> str:
     """inputs: the keys of the backbone and oracle stages; the objective's code is part of the key."""
     from ablate.stages import stage_key
 
-    config = {"cell": cell.model_dump(mode="json"), "train": spec.train.model_dump(exclude=_KEY_EXEMPT_TRAIN),
+    # a cell without a seed is keyed as before the field existed, so its cached results stay valid
+    cell_config = cell.model_dump(mode="json", exclude={"seed"} if cell.seed is None else None)
+    config = {"cell": cell_config, "train": spec.train.model_dump(exclude=_KEY_EXEMPT_TRAIN),
               "model": spec.model.model_dump()}
     if spec.numerics != "ablate":  # only then: keys of cells trained before the field existed stay valid
         config["numerics"] = spec.numerics

@@ -42,7 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--fresh", action="store_true", help="recompute every stage and cell of this spec")
     p.add_argument("--executor", metavar="NAME", help="who runs the cells (default: the spec's [executor], else local)")
+    p.add_argument("--address", metavar="auto|HOST:PORT", help="--executor ray: the Ray cluster to use (default: "
+                   "start a local Ray over this machine's GPUs)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun cells that failed in an earlier run "
+                   "(a rerun skips them by default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("status", help="every cell of a run: pending, running (heartbeat), interrupted, done, failed")
+    p.add_argument("run", help="run name (the spec's name)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--debug", action="store_true")
 
     p = sub.add_parser("validate", help="check a spec and its plugins without running anything")
     _common(p)
@@ -55,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="re-render a run's report from results.json, optionally beside other runs")
     p.add_argument("run", nargs="?", help="run name (default: the most recent run)")
+    p.add_argument("other", nargs="?", help="with --outer: the teacher-axis run (RUN is the objective-axis, KL run)")
     p.add_argument("--compare", action="append", default=[], metavar="OTHER", help="another run to set beside it")
+    p.add_argument("--outer", action="store_true",
+                   help="fill the outer objective × teacher 2×2 (reference §7.4) from RUN and OTHER and state its reading")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--reports-dir", default="reports")
     p.add_argument("--debug", action="store_true")
@@ -203,11 +215,14 @@ def cmd_run(args) -> int:
     registry = _registry(args)
     if args.executor:
         args.overrides = [*args.overrides, f'executor.plugin="{args.executor}"']
+    if args.address:
+        args.overrides = [*args.overrides, f'executor.address="{args.address}"']
     spec = _load(args, registry)
     device = resolve_device(args.device)
     ui = QuietUI() if args.quiet else RichUI(err_console)
     command = "ablate " + " ".join(shlex.quote(a) for a in args.argv)
     exp = Experiment(spec, registry, device, ui, command=command, fresh=args.fresh)
+    exp.retry_failed = args.retry_failed  # read by cell_job.cell_jobs
     console.print(f"[bold]ablate run[/] {spec.name} on {device} — {len(spec.cells)} cells")
     try:
         results = exp.run()
@@ -243,6 +258,10 @@ def print_summary(results: dict, exp) -> None:
         cells.add_row(name, "on" if c["config"]["router"] else "off", c["config"]["oracle"], c["config"]["objective"]["name"],
                       status, fmt(val) if val is not None else "—", f"{c['seconds']:.1f}" if c.get("seconds") else "—")
     console.print(cells)
+    failed = [n for n, c in results["cells"].items() if c["status"] == "failed"]
+    if failed:
+        console.print(f"  failed cells ({', '.join(failed)}) are skipped when this run is repeated; add "
+                      f"[bold]--retry-failed[/] to rerun them")
 
     if results["thresholds"]:
         verdicts = Table(title="verdicts")
@@ -264,6 +283,12 @@ def print_summary(results: dict, exp) -> None:
         mark = "[green]✓[/]" if e["met"] else "[red]✗[/]"
         console.print(f"  expect {mark} {e['what']}: expected {e['expected']}, got {e['got']}")
     console.print(f"results: {exp.paths.run_dir / 'results.json'}   report: {exp.paths.report}")
+
+
+def cmd_status(args) -> int:
+    from ablate.ray_executor import status_command
+
+    return status_command(args, console)
 
 
 def cmd_report(args) -> int:
@@ -291,7 +316,7 @@ def cmd_convert_checkpoint(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "plugins": cmd_plugins,
-            "report": cmd_report, "clean": cmd_clean, "bench": cmd_bench,
+            "report": cmd_report, "status": cmd_status, "clean": cmd_clean, "bench": cmd_bench,
             "convert-checkpoint": cmd_convert_checkpoint}
 
 

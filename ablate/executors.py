@@ -13,6 +13,7 @@ import torch
 from ablate import cells as cellmod
 from ablate.cell_job import CellJob, run_cell
 from ablate.components import Component
+from ablate.errors import Interrupted
 
 
 class Executor(Component):
@@ -30,7 +31,12 @@ class LocalExecutor(Executor):
     description = "cells one after another in this process (the default)"
 
     def run(self, jobs: list[CellJob], device: torch.device, stop, registry, ui) -> dict[str, dict]:
-        return {job.cell: run_cell(job, device, stop, registry, ui) for job in jobs}
+        records = {}
+        for job in jobs:
+            if stop.set:  # a signal during the last cell's final save: start no other cell
+                raise Interrupted()
+            records[job.cell] = run_cell(job, device, stop, registry, ui)
+        return records
 
 
 def run_jobs(ctx, jobs: list[CellJob]) -> dict[str, dict]:

@@ -42,6 +42,7 @@ class Registry:
     components: dict[str, dict[str, Registered]] = field(default_factory=lambda: {k: {} for k in KINDS})
     broken: dict[str, str] = field(default_factory=dict)  # plugin source → why it is not used
     conflicts: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (kind, name) → sources
+    plugin_files: list[str] = field(default_factory=list)  # the --plugin files, absolute (for remote executors)
 
     def add(self, kind: str, cls: type[Component], source: str) -> None:
         """Register `cls`; a second source for the same kind and name makes it a conflict."""
@@ -89,7 +90,7 @@ def load_registry(plugin_files: list[str | Path] = ()) -> Registry:
     """Build the registry: entry points of group `ablate`, then explicit plugin files."""
     pm = pluggy.PluginManager("ablate")
     pm.add_hookspecs(hookspecs)
-    registry = Registry()
+    registry = Registry(plugin_files=[str(Path(p).resolve()) for p in plugin_files])
     loaded: list[tuple[object, str, str]] = []  # (module, source, key in registry.broken)
 
     def add(module, name: str, source: str, key: str) -> None:

@@ -21,8 +21,9 @@ def preflight(ctx):
     _check_paths(ctx.corpus_params, "corpus")
     _check_paths(ctx.teacher.params, "teacher")
     stages.check_backbone_checkpoint(ctx.spec)
-    for name in ctx.registry.names("probe"):  # a name two plugins claim fails now, not after training
-        ctx.registry.get("probe", name)
+    from ablate.probe_selection import selected_probes
+
+    selected_probes(ctx.spec, ctx.registry)  # a selected name two plugins claim fails now, not after training
     corpus = corpus_cls(ctx.corpus_params)
     vocab = corpus.known_vocab_size()
     if ctx.spec.oracle.source == "files":  # no teacher pass: the files are checked instead of the teacher

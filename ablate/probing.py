@@ -14,17 +14,19 @@ from pathlib import Path
 import torch
 
 from ablate import cells as cellmod
-from ablate import stages, store
+from ablate import probe_selection, stages, store
 from ablate.components import CellView
 from ablate.spec import Spec, sweep_label
 
 
 def pairs(spec: Spec) -> list[tuple[str, str]]:
-    """(real, control) cells that differ only in the oracle variant (same router, objective, sweep)."""
+    """(real, control) cells that differ only in the oracle variant (same router, objective, sweep
+    point and seed: pairs are formed within a seed)."""
     out = []
     by_setting: dict[str, dict[str, str]] = {}
     for c in spec.cells:
-        setting = store.stable_hash({"router": c.router, "objective": c.objective.model_dump(), "sweep": sweep_label(c.name)})
+        setting = store.stable_hash({"router": c.router, "objective": c.objective.model_dump(), "sweep": sweep_label(c.name),
+                                     "seed": c.seed})
         by_setting.setdefault(setting, {})[c.oracle] = c.name
     for group in by_setting.values():
         if "real" in group:
@@ -51,10 +53,9 @@ def probe_batches(ctx, corpus) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 def probe_key(ctx, done_dirs: dict[str, Path]) -> str:
     """Key of the probe results: the probes' versions and settings and the content digests of
     the finished cells they read."""
-    names = sorted(ctx.registry.names("probe"))
-    modules = tuple(sorted({ctx.registry.get("probe", n).__module__ for n in names}))
-    return stages.stage_key("probes", {"probes": names, "spec": ctx.spec.probes.model_dump()},
-                            {name: store.content_digest(d) for name, d in done_dirs.items()}, modules)
+    probes = probe_selection.selected_probes(ctx.spec, ctx.registry)
+    return stages.component_stage_key("probes", probe_selection.probe_key_config(ctx.spec, probes),
+                                      {name: store.content_digest(d) for name, d in done_dirs.items()})
 
 
 def cached_probes(ctx, key: str) -> dict | None:
@@ -70,7 +71,7 @@ def run_probes(ctx, corpus, r_bb, variants, records):
     probe's failure (recorded with its error), not the run's; results with a failure are not
     cached, so the next run retries the probe."""
     done = [c for c in ctx.spec.cells if records.get(c.name, {}).get("status") == "done"]
-    probe_names = sorted(ctx.registry.names("probe"))
+    probes = probe_selection.selected_probes(ctx.spec, ctx.registry)  # [(Probe class, validated Params)]
     key = probe_key(ctx, {c.name: records[c.name]["dir"] for c in done})
     cached = cached_probes(ctx, key)
     if cached is not None:
@@ -88,11 +89,11 @@ def run_probes(ctx, corpus, r_bb, variants, records):
     cell_metrics: dict[str, dict[str, float]] = {name: {} for name in views}
     failures: list[dict] = []
 
-    def attempt(probe_cls, *cells: CellView) -> dict[str, float]:
+    def attempt(probe_cls, params, *cells: CellView) -> dict[str, float]:
         name = probe_cls.name
         ctx.activity = f"probe {name!r} on {' vs '.join(v.name for v in cells)}"
         try:
-            return finite_only(probe_cls(probe_cls.Params()).run(*cells))
+            return finite_only(probe_cls(params).run(*cells))
         except Exception as exc:  # the probe's own failure: its metrics are missing, the rest land
             error = f"{type(exc).__name__}: {str(exc).strip() or '(no message)'}"
             source = ctx.registry.components["probe"][name].source
@@ -100,20 +101,19 @@ def run_probes(ctx, corpus, r_bb, variants, records):
             ctx.ui.warn(f"probe {name!r} ({source}) failed on {' vs '.join(v.name for v in cells)}: {error}")
             return {}
 
-    probes = [ctx.registry.get("probe", n) for n in probe_names]
     with ctx.ui.stage("probes", len(views) * len(probes), "probes") as progress:
-        for probe_cls in probes:
+        for probe_cls, params in probes:
             if probe_cls.scope == "cell":
                 for name, view in views.items():
-                    cell_metrics[name].update(attempt(probe_cls, view))
+                    cell_metrics[name].update(attempt(probe_cls, params, view))
                     progress(1)
     pair_results = []
     for real, control in pairs(ctx.spec):
         if real in views and control in views:
             metrics: dict[str, float] = {}
-            for probe_cls in probes:
+            for probe_cls, params in probes:
                 if probe_cls.scope == "pair":
-                    metrics.update(attempt(probe_cls, views[real], views[control]))
+                    metrics.update(attempt(probe_cls, params, views[real], views[control]))
             pair_results.append({"real": real, "shuffled": control, "metrics": metrics})
     if not failures:
         store.write_json(ctx.paths.run_dir / "probes.json",

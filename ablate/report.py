@@ -1,5 +1,9 @@
 """The findings report: markdown (+ PNG plots) rendered from results.json ONLY.
 
+Probe metrics are labelled, grouped and read from their metadata in results.json (`metric_info`:
+meaning, unit, section, role, convention, as each probe declares them): no probe metric is named
+here. Names read literally are training-log columns (metrics.csv, evals.json) only.
+
 Every number in the report is a value of results.json printed through `ablate.verdict.fmt`
 (an exact rounding at the printed precision), a threshold sentence copied from results.json,
 or an agreement tolerance computed by `ablate.verdict.agreement` from two of its values.
@@ -17,18 +21,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ablate import plots, store
-from ablate.spec import base_name
-from ablate.verdict import agreement, describe_rule, fmt, fmt_gap, read_battery, row_decimals
+from ablate.spec import base_name, seed_group
+from ablate.verdict import (OUTER_SOFT, OUTER_SOFT_TEACHER, UNDECIDED_LABEL, agreement, describe_rule, fmt, fmt_gap,
+                            fmt_rate, label_text, outer_cell, outer_reading, per_seed_text, read_battery, row_decimals,
+                            rubric_metrics, run_reading)
 
-CONTENT_GAIN_CONVENTION = (
-    "content_gain = val_loss(shuffled-oracle cell) − val_loss(real-oracle cell): positive when the real "
-    "oracle content lowers the loss. The reference's Δ-diff (real − shuffled) has the opposite sign.")
 DASH = "—"
 # An absolute path: at least two components, the first of which exists under / (so formula text
 # such as "S[row]/T" is never mistaken for a path).
 ABS_PATH = re.compile(r"(?<![\w.~/\-])(/([\w.@+\-]+)/(?:[\w.@+\-]+/)*[\w.@+\-]*)")
 KL_ROWS = 7  # logged steps shown per cell in the KL trajectory table
-BATTERY_LAYER = re.compile(r"inj_axis_rms_L(\d+)")  # a layer the injection battery measured
 
 
 # ------------------------------------------------------------------------------ formatting
@@ -103,11 +105,14 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def final_val_loss(cell: dict) -> float | None:
-    m = cell.get("metrics", {})
-    if "val_loss" in m:
-        return m["val_loss"]
+    """The cell's last logged evaluation (evals.json)."""
     evals = cell.get("evals") or []
     return evals[-1]["val_loss"] if evals else None
+
+
+def step0_val_loss(cell: dict) -> float | None:
+    """The cell's evaluation at step 0 (gates closed, router zero), when it was logged."""
+    return next((e["val_loss"] for e in cell.get("evals") or [] if float(e["step"]) == 0), None)
 
 
 def cell_metrics(results: dict) -> dict[str, dict[str, float]]:
@@ -122,14 +127,39 @@ def cell_metrics(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def meaning_of(metric: str, meanings: dict[str, str]) -> str | None:
-    """A metric's meaning; per-layer names such as gate_L5 match the template gate_L{l}."""
+def template_match(template: str, metric: str) -> re.Match | None:
+    """x_L{l} matches x_L5 (group 1: the layer); a template without {l} matches itself."""
+    return re.fullmatch(re.escape(template).replace(re.escape("{l}"), r"(\d+)"), metric)
+
+
+def meaning_of(metric: str, meanings: dict[str, Any]) -> Any:
+    """A metric's entry in a dict keyed by metric templates (meanings, metric_info); per-layer
+    names such as x_L5 match the template x_L{l}."""
     if metric in meanings:
         return meanings[metric]
     for template, text in meanings.items():
-        if "{l}" in template and re.fullmatch(re.escape(template).replace(re.escape("{l}"), r"\d+"), metric):
+        if "{l}" in template and template_match(template, metric):
             return text
     return None
+
+
+def metric_info(r: dict) -> dict[str, dict]:
+    """Metric template → {meaning, unit, section, role, convention}: results.json `metric_info`,
+    else (older results) the meanings alone."""
+    info = r.get("metric_info")
+    if isinstance(info, dict):
+        return info
+    return {name: {"meaning": text} for name, text in (r.get("metric_meanings") or {}).items()}
+
+
+def with_role(r: dict, role: str) -> list[str]:
+    """The metric templates whose probes declare them with `role` (components.METRIC_ROLES)."""
+    return [name for name, info in metric_info(r).items() if info.get("role") == role]
+
+
+def layered(metrics: dict[str, float], template: str) -> dict[int, str]:
+    """Injection layer → the metric of `metrics` that instantiates the per-layer template."""
+    return {int(m[1]): k for k in metrics if (m := template_match(template, k)) and m.groups()}
 
 
 def objective_text(objective: dict) -> str:
@@ -143,8 +173,12 @@ def objective_text(objective: dict) -> str:
 
 def _header(r: dict, t: Text) -> str:
     lines = [f"# {t.scrub(r['name'])}"]
-    if r.get("description"):
-        lines += ["", f"**Question.** {t.scrub(r['description']).strip()}"]
+    if (r.get("teacher") or {}).get("random_weights"):  # warnings that void the answer come before it
+        lines += ["", "> **WARNING: the teacher has RANDOM weights** (`random_init = true`): the oracle and "
+                      "its sidecar carry no knowledge, so no verdict below says anything about the research "
+                      "question. This run measures speed and plumbing only."]
+    lines += _teacher_banners(r, t)
+    lines += ["", *_summary(r, t)]
     axes = r.get("axes") or {}
     if axes:
         lines += ["", "Axes: " + "; ".join(f"{k}: {t.scrub(str(v))}" for k, v in axes.items())]
@@ -152,11 +186,6 @@ def _header(r: dict, t: Text) -> str:
     lines += ["", f"Numerics: **{numerics}** — " + (
         "every choice of reference §11.4 made as the reference makes it (docs/fidelity.md)" if numerics == "upstream"
         else "ablate's documented choices; `numerics = \"upstream\"` reproduces the reference's (docs/fidelity.md)")]
-    if (r.get("teacher") or {}).get("random_weights"):
-        lines += ["", "> **WARNING: the teacher has RANDOM weights** (`random_init = true`): the oracle and "
-                      "its sidecar carry no knowledge, so no verdict below says anything about the research "
-                      "question. This run measures speed and plumbing only."]
-    lines += _teacher_banners(r, t)
     failed = [(n, c) for n, c in r["cells"].items() if c.get("status") != "done"]
     for name, cell in failed:
         error = f": {t.scrub(cell['error'])}" if cell.get("error") else ""
@@ -165,6 +194,68 @@ def _header(r: dict, t: Text) -> str:
         lines += ["", f"**{len(r['failed_probes'])} probe run(s) failed**: their metrics are missing, and every "
                       "threshold that needs one reads MISSING (see *Failed probes*)."]
     return "\n".join(lines).strip()
+
+
+SUMMARY_PAIRS = 3  # discriminated pairs named in the summary; the rest are under Discriminator
+
+
+def _summary(r: dict, t: Text) -> list[str]:
+    """The answer first, in three to six lines: the question, each discriminator's reading with its
+    uncertainty (seeds, UNDECIDED thresholds, per-seed outcomes), the run's place on the outer 2×2
+    (reference §7.4), and a warning when a bound lies inside the measured noise."""
+    lines = ["## Summary", ""]
+    if r.get("description"):
+        lines += [f"**Question.** {t.scrub(r['description']).strip()}", ""]
+    discs = r.get("discriminator") or []
+    for d in discs[:SUMMARY_PAIRS]:
+        head = _outcome_text(d)
+        sentence = d.get("sentence") or f"{head} (real {d.get('real_label')}, shuffled {d.get('shuffled_label')})"
+        sentence = f"**{head}**{sentence[len(head):]}" if sentence.startswith(head) else sentence
+        lines.append(f"- {d['real']} vs {d['shuffled']}: {t.scrub(sentence)}.")
+    if len(discs) > SUMMARY_PAIRS:
+        lines.append(f"- … and {len(discs) - SUMMARY_PAIRS} more pair(s) under *Discriminator*.")
+    if not discs:
+        n = (r.get("seeds") or {}).get("n_seeds", 1)
+        lines.append(f"- No discriminated pair: see *Thresholds* ({'single seed' if n < 2 else f'{n} seeds'}).")
+    outer = _outer_line(r, t)
+    if outer:
+        lines.append(f"- {outer}")
+    warnings = [n for n in r.get("noise_floor") or [] if n.get("inside")]
+    if warnings:
+        lines.append("- **Noise:** " + " ".join(f"{t.scrub(n['sentence'])}." for n in warnings))
+    return lines
+
+
+def _outcome_text(d: dict) -> str:
+    if d["outcome"] == UNDECIDED_LABEL:
+        return f"undecided between {' and '.join(d.get('possible') or [])}"
+    return d["outcome"]
+
+
+def _outer_line(r: dict, t: Text) -> str:
+    """The run's reading on the outer objective × teacher 2×2 (reference §7.4), and what each reading
+    of the other axis's run would make of it."""
+    reading = r.get("reading") or run_reading(r)
+    if reading.get("reading") is None:
+        return ""
+    axes = r.get("axes") or {}
+    role = reading["role"]
+    cells = "; ".join(f"{c}: {label}" for c, label in reading["cells"].items())
+    words = reading["reading"] if reading["reading"] != UNDECIDED_LABEL else \
+        f"undecided ({' or '.join(reading['possible'])})"
+    other = "teacher-axis" if role == "objective" else "objective-axis"
+    head = (f"**Outer 2×2** (objective × teacher, the reference's verdict matrices): this is the {role}-axis run (objective {t.scrub(str(axes.get('objective')))}, "
+            f"teacher {t.scrub(str(axes.get('teacher')))}) and reads **{words}** ({cells})")
+    if reading["reading"] == UNDECIDED_LABEL:
+        return head + "; its cell of the outer 2×2 waits for a decided reading (more seeds)."
+    a = reading["reading"]
+    cells = {b: outer_cell(a, b) if role == "objective" else outer_cell(b, a) for b in ("breaks", "holds")}
+    article = "an" if other[0] == "o" else "a"
+    if len(set(cells.values())) == 1:
+        options = f"; beside {article} {other} run that breaks or holds: {cells['breaks']}"
+    else:
+        options = f"; beside {article} {other} run " + "; ".join(f"that {b}: {text}" for b, text in cells.items())
+    return head + options + " (`ablate report RUN_A RUN_B --outer` reads two runs)."
 
 
 def _failed_probes(r: dict, t: Text) -> str:
@@ -179,10 +270,9 @@ def _failed_probes(r: dict, t: Text) -> str:
 
 def _conventions(r: dict, t: Text) -> str:
     conv = dict(r.get("conventions") or {})
-    conv.setdefault("content_gain", CONTENT_GAIN_CONVENTION)
-    meanings = r.get("metric_meanings") or {}
-    if "w_align_drift" not in conv and "w_align_drift" in meanings:
-        conv["w_align_drift"] = meanings["w_align_drift"]
+    for name, info in metric_info(r).items():  # conventions the probes declare with their metrics
+        if info.get("convention"):
+            conv.setdefault(name, info["convention"])
     lines = ["## Conventions", ""] + [f"- **{k}**: {t.scrub(v)}" for k, v in conv.items()]
     return "\n".join(lines)
 
@@ -190,7 +280,7 @@ def _conventions(r: dict, t: Text) -> str:
 def _val_loss_matrix(r: dict, t: Text) -> str:
     cells = r["cells"]
     finals = {n: final_val_loss(c) for n, c in cells.items()}
-    step0 = {n: c.get("metrics", {}).get("val_loss_step0") for n, c in cells.items()}
+    step0 = {n: step0_val_loss(c) for n, c in cells.items()}
     d = row_decimals([v for v in (*finals.values(), *step0.values()) if v is not None])
     rows = []
     for name, c in cells.items():
@@ -202,16 +292,18 @@ def _val_loss_matrix(r: dict, t: Text) -> str:
            table(["cell", "router", "oracle", "objective", "sweep", "status", "final val_loss (nats)",
                   "before training, same windows"], rows)]
     sentences = []
+    gains = with_role(r, "gain_over_control")
     for pair in r.get("pairs", []):
         a, b = finals.get(pair["real"]), finals.get(pair["shuffled"])
         if a is None or b is None:
             continue
         s = agreement(pair["real"], a, pair["shuffled"], b, "nats")
-        gain = pair["metrics"].get("content_gain")
-        if gain is not None:
-            effect = ("real content lowered the loss" if gain > 0 else
-                      "real content raised the loss" if gain < 0 else "no difference")
-            s += f"; content_gain = {fmt(gain, sign=True)} nats ({effect})"
+        for name in gains:
+            gain = pair["metrics"].get(name)
+            if gain is not None:
+                effect = ("real content lowered the loss" if gain > 0 else
+                          "real content raised the loss" if gain < 0 else "no difference")
+                s += f"; {name} = {fmt(gain, sign=True)} nats ({effect})"
         sentences.append(f"- {s}.")
     if sentences:
         out += ["", *sentences]
@@ -222,7 +314,7 @@ def _metric_order(r: dict, metrics: dict[str, dict[str, float]]) -> list[str]:
     present = {m for ms in metrics.values() for m in ms}
     thresholded = [t["metric"] for t in r.get("thresholds", [])]
     order = list(dict.fromkeys(m for m in thresholded if m in present))
-    for template in r.get("metric_meanings") or {}:
+    for template in metric_info(r):
         matching = sorted(m for m in present if meaning_of(m, {template: ""}) is not None)
         order += [m for m in matching if m not in order]
     return order + sorted(present - set(order))
@@ -234,37 +326,99 @@ def _metrics_table(r: dict, t: Text) -> str:
     by_metric: dict[str, list[dict]] = {}
     for th in r.get("thresholds", []):
         by_metric.setdefault(th["metric"], []).append(th)
-    rows = []
+    info = metric_info(r)
+    sections: dict[str, list[list[str]]] = {}
     for m in _metric_order(r, metrics):
         values = [metrics.get(n, {}).get(m) for n in names]
         d = row_decimals([v for v in values if v is not None])
         ths = by_metric.get(m, [])
         rule = "<br>".join(f"{th['cell']}: {t.cell(describe_rule(th['rule']))}" for th in ths)
         verdict = "<br>".join(f"{th['cell']}: **{th['verdict']}**" for th in ths)
-        rows.append([m, *(t.cell(v, d) for v in values), rule or DASH, verdict or DASH])
-    if not rows:
+        section = (meaning_of(m, info) or {}).get("section") or ""
+        sections.setdefault(section, []).append([m, *(t.cell(v, d) for v in values), rule or DASH, verdict or DASH])
+    if not sections:
         return ""
-    return "\n".join(["## Fingerprint and probe metrics", "", table(["metric", *names, "threshold", "verdict"], rows)])
+    header = ["metric", *names, "threshold", "verdict"]
+    if list(sections) == [""]:  # no metric carries a section (results without metric_info)
+        return "\n".join(["## Fingerprint and probe metrics", "", table(header, sections[""])])
+    out = ["## Fingerprint and probe metrics", "", "Grouped by the section each probe declares for its metrics."]
+    order = list(dict.fromkeys([info[k].get("section") or "" for k in info] + list(sections)))
+    for section in (s for s in order if s in sections):
+        out += ["", f"### {section or 'other metrics'}", "", table(header, sections[section])]
+    return "\n".join(out)
 
 
 def _threshold_sentences(r: dict, t: Text) -> str:
     ths = r.get("thresholds", [])
     if not ths:
         return ""
+    seeds = r.get("seeds") or {}
     lines = ["## Thresholds", ""]
-    lines += [f"- **{th['name']}** ({th['cell']}): {t.scrub(th['sentence'])}" for th in ths]
+    if seeds.get("n_seeds", 1) > 1:
+        lines += [f"Verdicts over seeds {', '.join(str(s) for s in seeds['seeds'])}: {t.scrub(seeds['method'])} "
+                  f"Seeds: {t.scrub(seeds.get('semantics', ''))}.", ""]
+    else:
+        lines += ["Single seed: each verdict reads the value itself, with no interval (a `[sweep] seed` axis reads "
+                  "every threshold over seeds, on a Student-t interval of the mean).", ""]
+    noise = {}
+    for n in r.get("noise_floor") or []:
+        noise.setdefault(n["metric"], []).append(n)
+    shown = set()
+    for th in ths:
+        basis = "" if th.get("n_seeds", 1) > 1 else ", single seed"
+        line = f"- **{th['name']}** ({th['cell']}{basis}): {t.scrub(th['sentence'])}"
+        if th.get("n_seeds", 1) > 1:
+            line += ". Per seed: " + per_seed_text([(s["seed"], s["verdict"]) for s in th.get("seeds", [])])
+        lines.append(line)
+        for n in noise.get(th["metric"], []) if th["metric"] not in shown else []:  # beside the metric, once
+            lines.append(f"  - noise floor: {t.scrub(n['sentence'])}")
+        shown.add(th["metric"])
+    note = _seed_note(r)
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
+
+
+def _seed_note(r: dict) -> str:
+    """Which verdicts the first seed alone would have read differently from all seeds together."""
+    ths = [th for th in r.get("thresholds", []) if th.get("n_seeds", 1) > 1 and th.get("seeds")]
+    if not ths:
+        return ""
+    first = ths[0]["seeds"][0]["seed"]
+    changed = [f"{th['name']} ({th['cell']}) {th['seeds'][0]['verdict']} → {th['verdict']}"
+               for th in ths if th["seeds"][0]["verdict"] != th["verdict"]]
+    changed += [f"discriminator {d['real']} vs {d['shuffled']} {d['per_seed'][0]['outcome']} → {_outcome_text(d)}"
+                for d in r.get("discriminator") or [] if d.get("per_seed") and d["per_seed"][0]["outcome"] != d["outcome"]]
+    if changed:
+        return (f"**Seed {first} alone vs all seeds:** {len(changed)} reading(s) differ (seed {first}'s own → over "
+                f"the seeds): " + "; ".join(changed) + ".")
+    out = (f"**Seed {first} alone vs all seeds:** no reading differs: every threshold's interval lies wholly on "
+           f"the side of its bound where seed {first}'s own value lies, and every discriminator reads as at seed {first}")
+    # the closest call: the interval nearest its bound in units of its own half-width
+    near = min((th for th in ths if th.get("margin") is not None and th.get("half_width")),
+               key=lambda th: th["margin"] / th["half_width"], default=None)
+    if near is not None:
+        out += (f"; the interval nearest its bound, counted in half-widths, is {near['name']} ({near['cell']})'s, "
+                f"{fmt(near['margin'])} from it (half-width {fmt(near['half_width'])})")
+    return out + "."
 
 
 def _combination(r: dict, t: Text) -> str:
     comb = r.get("combination") or {}
     if not comb:
         return ""
-    rows = [[cell, t.cell(c["crossed"]), t.cell(c["total"]), t.cell(c.get("missing", 0)), f"**{c['label']}**",
+    seeded = any(c.get("per_seed") for c in comb.values())
+    rows = [[cell, t.cell(c["crossed"]), t.cell(c.get("undecided", 0)), t.cell(c["total"]), t.cell(c.get("missing", 0)),
+             f"**{label_text(c)}**" if c["label"] != UNDECIDED_LABEL else f"**undecided** ({label_text(c)})",
              t.cell(c.get("strong", False)), t.cell(", ".join(c.get("crossed_names", [])) or DASH)]
+            + ([t.cell(per_seed_text([(p["seed"], p["label"]) for p in c["per_seed"]]) if c.get("per_seed") else DASH)]
+               if seeded else [])
             for cell, c in comb.items()]
+    header = ["cell", "crossed", "undecided", "of", "missing", "label", "strong", "crossed thresholds"]
     lines = ["## Combination per cell", "",
-             table(["cell", "crossed", "of", "missing", "label", "strong", "crossed thresholds"], rows)]
+             "A label is certain when every UNDECIDED threshold, read either way, gives the same label; else it is "
+             "undecided between the labels they allow.", "",
+             table(header + (["per seed"] if seeded else []), rows)]
     strong = [f"- **{cell}**: {t.scrub(b['sentence'])}" for cell, c in comb.items() for b in c.get("strong_results", [])]
     if strong:
         lines += ["", "Strong-result bounds ([combine] strong; not counted as crossings):", "", *strong]
@@ -275,12 +429,15 @@ def _battery_readings(r: dict, t: Text) -> str:
     """The η-B rubric (ablate.verdict.BATTERY_RUBRIC) read per pair, injection layer and run, from
     the cells' battery metrics and the pair's cross-run metrics; 'real / control' when the runs differ."""
     cells, blocks = r["cells"], []
+    rubric = sorted(rubric_metrics())
     for pair in r.get("pairs", []):
         runs = [{**cells.get(pair[k], {}).get("metrics", {}), **pair.get("metrics", {})} for k in ("real", "shuffled")]
-        layers = sorted({int(m[1]) for m in map(BATTERY_LAYER.fullmatch, runs[0]) if m})
+        candidates = sorted({l for tpl in rubric for l in layered(runs[0], tpl)})
+        readings = {l: [read_battery(run, l) for run in runs] for l in candidates}
+        # a layer is read where some topic has every metric it needs in either run
+        layers = [l for l in candidates if any(w is not None for run in readings[l] for w in run.values())]
         if not layers:
             continue
-        readings = {l: [read_battery(run, l) for run in runs] for l in layers}
         rows = []
         for topic in readings[layers[0]][0]:
             words = [[run[topic] or "not measured" for run in readings[l]] for l in layers]
@@ -300,12 +457,14 @@ def _discriminator(r: dict, t: Text) -> str:
     if not disc:
         return ""
     rows = [[d["real"], d["shuffled"], t.cell(d.get("real_label")), t.cell(d.get("shuffled_label")),
-             f"**{d['outcome']}**", t.cell(d.get("meaning"))] for d in disc]
+             f"**{_outcome_text(d)}**", t.cell(d.get("n_seeds", 1)),
+             t.cell(per_seed_text([(p["seed"], p["outcome"]) for p in d["per_seed"]]) if d.get("per_seed") else DASH),
+             t.cell(d.get("meaning"))] for d in disc]
     return "\n".join(["## Discriminator (real vs shuffled)", "",
-                      table(["real", "shuffled", "real label", "shuffled label", "outcome", "meaning"], rows)])
+                      table(["real", "shuffled", "real label", "shuffled label", "outcome", "seeds",
+                             "per seed", "meaning"], rows)])
 
 
-NOOP_METRIC = re.compile(r"retrieval_control_noop_L(\d+)")
 CONTROL_TARGET = {  # what a control cell's objective reads from the sidecar, by its oracle variant
     "shuffled": "the control reads the same permutation of the sidecar, so at each position its KL "
                 "target is another row's teacher distribution",
@@ -330,19 +489,22 @@ def control_validity(r: dict, pair: dict, t: Text) -> str:
     cells = r["cells"]
     variant = cells.get(control, {}).get("config", {}).get("oracle", "?")
     m = pair.get("metrics", {})
-    layers = sorted((int(g[1]) for k in m if (g := NOOP_METRIC.fullmatch(k))))
+    flags = {l: (tpl, k) for tpl in with_role(r, "retrieval_noop") for l, k in layered(m, tpl).items()}
+    sizes = {l: k for tpl in with_role(r, "retrieval_diff") for l, k in layered(m, tpl).items()}
+    layers = sorted(flags)
     head = f"**{real} vs {control}** (control oracle: {variant})"
     if not layers:
-        return (f"{head}: retrieval was not compared (no retrieval_control metric for this pair), so it is "
+        return (f"{head}: retrieval was not compared (no probe measured it for this pair), so it is "
                 f"unknown whether the control changes what the student retrieves.")
-    diffs = [m.get(f"retrieval_control_max_diff_L{l}") for l in layers]
+    diffs = [m.get(sizes[l]) if l in sizes else None for l in layers]
     d = row_decimals([v for v in diffs if v is not None])
     per_layer = ", ".join(f"L{l} {t.value(v, d)}" for l, v in zip(layers, diffs))
-    noop = [l for l in layers if m[f"retrieval_control_noop_L{l}"] == 1.0]
+    noop = [l for l in layers if m[flags[l][1]] == 1.0]
     if len(noop) == len(layers):
+        flag_names = ", ".join(dict.fromkeys(flags[l][0] for l in layers))
         retrieval = ("the control is **a no-op for retrieval**: on the same hidden states the real cell's "
                      "cross-attention gives the same output on the real and on the control table at every "
-                     f"injection layer (max |difference| {per_layer}; retrieval_control_noop = 1)")
+                     f"injection layer (max |difference| {per_layer}; {flag_names} = 1)")
         if variant == "shuffled":
             retrieval += ", as expected: a row permutation under dense cosine top-k retrieves the same content"
     else:
@@ -553,7 +715,7 @@ def _costs(r: dict, t: Text) -> list[str]:
 
     def row(name, s):
         out = [name, t.cell(s.get("key")), t.cell(s.get("cached")), t.cell(s.get("seconds")),
-               t.cell(s.get("tokens")), t.cell(s.get("tokens_per_s"))]
+               t.cell(s.get("tokens")), fmt_rate(s.get("tokens_per_s"))]
         return out + ([t.cell(s.get("peak_gpu_allocated_gib")), t.cell(s.get("peak_gpu_reserved_gib"))] if gpu else [])
 
     note = ("; peak GPU memory is the stage's own peak, counted from the memory earlier stages left resident"
@@ -565,7 +727,7 @@ def _costs(r: dict, t: Text) -> list[str]:
     if cells:
         cell_header = ["cell", "cached", "seconds", "training tokens/s"]
         cell_header += ["compiled", "peak GPU allocated (GiB)"] if gpu else []
-        rows = [[n, t.cell(c.get("cached")), t.cell(c.get("seconds")), t.cell(c.get("tokens_per_s"))]
+        rows = [[n, t.cell(c.get("cached")), t.cell(c.get("seconds")), fmt_rate(c.get("tokens_per_s"))]
                 + ([t.cell(c.get("compiled")), t.cell(c.get("peak_gpu_allocated_gib"))] if gpu else [])
                 for n, c in cells.items()]
         lines += ["", "Cells (seconds include evaluation and checkpoints; tokens/s excludes them):", "",
@@ -582,10 +744,12 @@ def _expectations(r: dict, t: Text) -> str:
 
 
 def _definitions(r: dict, t: Text) -> str:
-    meanings = r.get("metric_meanings") or {}
-    if not meanings:
+    info = metric_info(r)
+    if not info:
         return ""
-    return "\n".join(["## Metric definitions", ""] + [f"- **{k}**: {t.scrub(v)}" for k, v in meanings.items()])
+    lines = [f"- **{k}**" + (f" [{t.scrub(v['unit'])}]" if v.get("unit") else "") + f": {t.scrub(v.get('meaning', ''))}"
+             for k, v in info.items()]
+    return "\n".join(["## Metric definitions", "", *lines])
 
 
 def render_report(results: dict, run_dir: Path, report_path: Path) -> str:
@@ -712,7 +876,9 @@ def _compare_verdicts(runs: list[dict], labels: list[str]) -> str:
         if len(set(seq)) > 1:
             lines.append(f"- {what} {where}: " + " → ".join(f"{s} ({lab})" for s, lab in zip(seq, labels)))
 
-    for names in cell_matches(runs):
+    # a run over seeds reads its verdicts per seed group: its cells `x@seed=N` meet by the group `x`
+    matches = list(dict.fromkeys(tuple(seed_group(n) for n in names) for names in cell_matches(runs)))
+    for names in matches:
         where = _match_title(names, labels)
         for th in threshold_names:
             changed(f"threshold {th}", f"@ {where}", [kd.get((th, n), "absent") for kd, n in zip(keyed, names)])
@@ -772,9 +938,49 @@ def _oracle_content(results: dict) -> dict:
     return keep(results.get("oracle") or {})
 
 
-def render_comparison(runs: list[dict], report_path: Path) -> str:
+OUTER_ROWS = [("breaks", "breaks"), ("breaks", "holds"), ("holds", "breaks"), ("holds", "holds"), ("soft", "any")]
+
+
+def outer_section(runs: list[dict], labels: list[str], t: Text) -> str:
+    """The outer 2×2 of reference §7.4 filled from two runs: the first the objective-axis (KL) run,
+    the second the teacher-axis run; each run's reading (run_reading) and the matrix's reading."""
+    (a, b), (la, lb) = [run_reading(r) for r in runs[:2]], labels[:2]
+    reading = outer_reading(a, b)
+
+    def words(x: dict) -> str:
+        if x["reading"] is None:
+            return "no reading (no discriminated pair with a combination)"
+        cells = "; ".join(f"{c}: {label}" for c, label in x["cells"].items())
+        head = x["reading"] if x["reading"] != UNDECIDED_LABEL else f"undecided ({' or '.join(x['possible'])})"
+        return f"**{head}** ({cells})"
+
+    def axes(r: dict) -> str:
+        ax = r.get("axes") or {}
+        return f"objective {t.scrub(str(ax.get('objective')))}, teacher {t.scrub(str(ax.get('teacher')))}"
+
+    lines = ["## Outer 2×2 (objective × teacher; the reference's verdict matrices)", "",
+             f"- objective axis (KL run): {la} ({axes(runs[0])}) reads {words(a)}",
+             f"- teacher axis: {lb} ({axes(runs[1])}) reads {words(b)}"]
+    for run, lab, x, want in ((runs[0], la, a, "objective"), (runs[1], lb, b, "teacher")):
+        if x["role"] != want:
+            lines.append(f"- note: {lab}'s axes place it on the {x['role']} axis, not the {want} axis; the reading "
+                         f"below takes the order given (objective run first)")
+    lines += ["", f"**Reading:** {reading['sentence']}.", ""]
+    hit = {(x, y) for x in a["possible"] for y in b["possible"]}
+    rows = []
+    for ra, rb in OUTER_ROWS:
+        applies = any(x == ra and (rb == "any" or y == rb) for x, y in hit)
+        text = OUTER_SOFT if ra == "soft" else outer_cell(ra, rb)
+        rows.append([f"{ra} ({la})", f"{rb} ({lb})", f"**{text}**" if applies else text, "◀" if applies else ""])
+    if any(y == "soft" and x != "soft" for x, y in hit):
+        rows.append([f"breaks or holds ({la})", f"soft ({lb})", f"**{OUTER_SOFT_TEACHER}**", "◀"])
+    lines.append(table([la, lb, "interpretation → next step", "this pair"], rows))
+    return "\n".join(lines)
+
+
+def render_comparison(runs: list[dict], report_path: Path, outer: bool = False) -> str:
     """Side-by-side report of several runs' results (the first is the reference); writes
-    report_path and returns the markdown."""
+    report_path and returns the markdown. `outer`: open with the outer 2×2 of the first two runs."""
     report_path = Path(report_path)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     t = Text(report_path.parent)
@@ -788,7 +994,8 @@ def render_comparison(runs: list[dict], report_path: Path) -> str:
         spec_part.append(table(["key", *labels], [[f"`{k}`", *(t.cell(literal(v)) for v in vs)] for k, vs in diffs.items()]))
     else:
         spec_part.append("The resolved specs are identical.")
-    sections = ["\n".join(head), "\n".join(spec_part), _compare_verdicts(runs, labels),
+    sections = ["\n".join(head), *([outer_section(runs, labels, t)] if outer else []), "\n".join(spec_part),
+                _compare_verdicts(runs, labels),
                 _compare_sanity(runs, labels, t), _compare_metrics(runs, labels)]
     text = "\n\n".join(sections) + "\n"
     store.write_atomic(report_path, text.encode())

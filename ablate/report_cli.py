@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ablate import compile_cache, store
-from ablate.errors import AblateError
+from ablate.errors import AblateError, InputError
 
 
 def available_runs(runs_dir: Path) -> list[Path]:
@@ -38,8 +38,18 @@ def report_command(args, console) -> int:
     from ablate.report import render_comparison, render_report
 
     runs_dir, reports_dir = Path(args.runs_dir), Path(args.reports_dir)
+    other = getattr(args, "other", None)
+    outer = getattr(args, "outer", False)
+    if outer and not (args.run and other):
+        raise InputError("--outer reads two runs: `ablate report RUN_A RUN_B --outer`, RUN_A the objective-axis (KL) "
+                         "run (ZEB-139-like), RUN_B the teacher-axis run (ZEB-138-like).")
+    if other and not outer:
+        raise InputError(f"A second run ({other!r}) is read only with --outer; to set runs side by side use "
+                         f"`ablate report {args.run} --compare {other}`.")
     main_dir = find_run(runs_dir, args.run)
     results = load_results(main_dir)
+    if outer:
+        args.compare = [other, *[c for c in args.compare if c != other]]
     if not args.compare:
         path = reports_dir / f"{results['name']}.md"
         render_report(results, main_dir, path)
@@ -47,7 +57,7 @@ def report_command(args, console) -> int:
         return 0
     others = [load_results(find_run(runs_dir, name)) for name in args.compare]
     path = reports_dir / f"{results['name']}-vs-{'-'.join(o['name'] for o in others)}.md"
-    text = render_comparison([results, *others], path)
+    text = render_comparison([results, *others], path, outer=outer)
     console.print(text, markup=False, highlight=False)
     console.print(f"comparison report: {path}")
     return 0

@@ -211,10 +211,28 @@ class TrainSpec(Strict):
 
 
 class ProbeSpec(Strict):
+    """[probes]: the probe batches; `use`, the probes that run (None: the built-ins; a probe not
+    listed does not run); one table `[probes.<name>]` per probe with that probe's parameters
+    (validated by the probe's Params in _check_plugins)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
     batches: int = Field(2, ge=1)
     batch: int = Field(4, ge=1)
     seq_len: int | None = Field(None, ge=3)
     seed: int = 0
+    use: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _tables(self):
+        keys = [k for k, v in (self.model_extra or {}).items() if not isinstance(v, dict)]
+        if keys:
+            raise ValueError(f"unknown key(s) {', '.join(map(repr, keys))}: [probes] holds batches, batch, seq_len, "
+                             "seed, use, and one table [probes.<probe name>] of parameters per probe")
+        return self
+
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """Probe name → its parameter table."""
+        return {k: dict(v) for k, v in (self.model_extra or {}).items()}
 
 
 class CellSpec(Strict):
@@ -222,6 +240,9 @@ class CellSpec(Strict):
     router: bool = False
     oracle: Literal["real", "shuffled", "gaussian"] = "real"
     objective: ObjectiveRef = ObjectiveRef(name="ce")
+    # the cell's training seed, set by `[sweep] seed = [...]`: it offsets train.model_seed (the
+    # adapters' init) and train.data_seed (the training batches); validation windows stay the same
+    seed: int | None = Field(None, ge=0)
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -230,7 +251,8 @@ class CellSpec(Strict):
 
 
 class SweepSpec(BaseModel):
-    """`[sweep] cells = [...]` plus dotted keys with value lists, e.g. "objective.lambda" = [0.5, 0.9]."""
+    """`[sweep] cells = [...]` plus dotted keys with value lists, e.g. "objective.lambda" = [0.5, 0.9].
+    `seed = [0, 1, 2]` is the seed axis: it applies to every cell, listed in `cells` or not."""
 
     model_config = ConfigDict(extra="allow")
     cells: list[str] = []
@@ -319,9 +341,10 @@ class AxesSpec(Strict):
 
 
 class ExpectSpec(Strict):
-    thresholds: dict[str, Literal["HOLD", "BREAK"]] = {}  # "threshold@cell" → verdict
-    combination: dict[str, Literal["holds", "soft signal", "broken"]] = {}
-    discriminator: dict[str, Literal["cheap_win", "clean_positive", "holds", "anomaly"]] = {}  # real cell → outcome
+    thresholds: dict[str, Literal["HOLD", "BREAK", "UNDECIDED"]] = {}  # "threshold@cell" → verdict
+    combination: dict[str, Literal["holds", "soft signal", "broken", "undecided"]] = {}
+    # real cell → outcome
+    discriminator: dict[str, Literal["cheap_win", "clean_positive", "holds", "anomaly", "undecided"]] = {}
     metrics: dict[str, RuleSpec] = {}  # "metric@cell" → a rule that must read BREAK-side (i.e. be satisfied)
 
 
@@ -515,9 +538,13 @@ def check_references(spec: Spec, registry) -> list[tuple[str, str]]:
         for key, values in spec.sweep.axes().items():
             if not isinstance(values, list) or not values:
                 problems.append((f"sweep.{key}", "a sweep axis needs a non-empty list of values"))
+            elif key == SEED_KEY:
+                if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values) \
+                        or len(set(values)) != len(values):
+                    problems.append(("sweep.seed", "seeds are distinct non-negative integers, e.g. seed = [0, 1, 2]"))
             elif not (key in ("objective", "router", "oracle") or key.startswith("objective.")):
                 problems.append((f"sweep.{key}", 'sweep keys are cell fields: "objective" (whole objective tables), '
-                                                 '"objective.<param>", "router" or "oracle"'))
+                                                 '"objective.<param>", "router" or "oracle"; or "seed"'))
 
     for i, th in enumerate(spec.thresholds):
         for j, cell in enumerate(th.cells):
@@ -625,47 +652,63 @@ def _check_plugins(spec: Spec, registry) -> list[tuple[str, str]]:
                     elif key.startswith("objective."):
                         field = key.split(".", 1)[1]
                         check("objective", cell.objective.name, {**cell.objective.params(), field: v}, f"sweep.{key}")
-    produced = set()
-    for probe_cls in registry.components["probe"].values():
-        produced |= _expand_metric_names(probe_cls.cls.metrics, spec.model.inject_layers)
+    from ablate import probe_selection
+
+    probe_problems, selected = probe_selection.probe_problems(spec, registry)
+    problems += probe_problems
+    layers = spec.model.inject_layers
+    produced = probe_selection.expand_metric_names(probe_selection.declared_metrics(selected), layers)
     available = ", ".join(sorted(produced))
+
+    def unproduced(metric: str) -> str:
+        others = [r.cls.name for r in registry.components["probe"].values()
+                  if metric in probe_selection.expand_metric_names(r.cls.metrics, layers)]
+        hint = f"; probe {others[0]!r} declares it: add it to [probes] use" if others else ""
+        return f"no probe produces metric {metric!r}{hint}; available: {available}"
+
     for i, th in enumerate(spec.thresholds):
         if th.metric not in produced:
-            problems.append((f"thresholds[{i}].metric", f"no probe produces metric {th.metric!r}; available: {available}"))
+            problems.append((f"thresholds[{i}].metric", unproduced(th.metric)))
     for i, s in enumerate(spec.combine.strong):
         if isinstance(s, StrongSpec) and s.metric not in produced:
-            problems.append((f"combine.strong[{i}].metric", f"no probe produces metric {s.metric!r}; available: {available}"))
+            problems.append((f"combine.strong[{i}].metric", unproduced(s.metric)))
     for key in spec.expect.metrics if spec.expect is not None else {}:
         metric = key.partition("@")[0]
         if metric and metric not in produced:
-            problems.append((f"expect.metrics.{key}", f"no probe produces metric {metric!r}; available: {available}"))
+            problems.append((f"expect.metrics.{key}", unproduced(metric)))
     return problems
-
-
-def _expand_metric_names(metrics: dict[str, str], layers: list[int]) -> set[str]:
-    out = set()
-    for name in metrics:
-        out |= {name.replace("{l}", str(layer)) for layer in layers} if "{l}" in name else {name}
-    return out
 
 
 # ---------------------------------------------------------------------------------- sweeps
 
 
+SEED_KEY = "seed"
+
+
 def expand_sweeps(spec: Spec, source: str = "spec") -> Spec:
     """Replace each swept cell by one cell per point of the sweep grid, named `cell@key=value,...`;
-    SpecError when a generated cell is invalid (e.g. its name is no plain file name) or repeated."""
-    if spec.sweep is None or not spec.sweep.cells:
+    SpecError when a generated cell is invalid (e.g. its name is no plain file name) or repeated.
+    The seed axis (`seed = [...]`) applies to every cell and comes last in the name:
+    `router_on_real@lambda=0.5,seed=1`, `router_off_real@seed=1`."""
+    if spec.sweep is None:
         return spec
-    axes = spec.sweep.axes()
-    keys = list(axes)
-    labels = {k: _value_labels(axes[k]) for k in keys}
+    swept = spec.sweep.axes()
+    seeds = swept.pop(SEED_KEY, None)
+    if not spec.sweep.cells:
+        swept = {}
+    if not swept and seeds is None:
+        return spec
     cells: list[CellSpec] = []
     problems: list[tuple[str, str]] = []
     for cell in spec.cells:
-        if cell.name not in spec.sweep.cells:
+        axes = dict(swept) if cell.name in spec.sweep.cells else {}
+        if seeds is not None:
+            axes[SEED_KEY] = seeds
+        if not axes:
             cells.append(cell)
             continue
+        keys = list(axes)
+        labels = {k: _value_labels(axes[k]) for k in keys}
         for point in itertools.product(*(range(len(axes[k])) for k in keys)):
             data = cell.model_dump(by_alias=True)
             data["objective"] = {"name": cell.objective.name, **cell.objective.params()}
@@ -714,3 +757,20 @@ def sweep_label(cell_name: str) -> str:
 def cells_for(spec: Spec, name: str) -> list[CellSpec]:
     """The cells a threshold/discriminator naming `name` applies to (all its sweep expansions)."""
     return [c for c in spec.cells if c.name == name or base_name(c.name) == name]
+
+
+def seed_group(cell_name: str) -> str:
+    """The cell's name without its seed: `router_on_real@lambda=0.5,seed=2` → `router_on_real@lambda=0.5`,
+    `router_off_real@seed=0` → `router_off_real`. Thresholds, combinations and discriminators are
+    read per seed group, over its seeds."""
+    base, _, label = cell_name.partition("@")
+    rest = [p for p in label.split(",") if p and not p.startswith(f"{SEED_KEY}=")]
+    return f"{base}@{','.join(rest)}" if rest else base
+
+
+def seed_groups(cells: list[CellSpec]) -> dict[str, list[CellSpec]]:
+    """Seed group → its cells (one per seed; one cell when there is no seed axis), in spec order."""
+    out: dict[str, list[CellSpec]] = {}
+    for c in cells:
+        out.setdefault(seed_group(c.name), []).append(c)
+    return out

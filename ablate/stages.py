@@ -87,11 +87,111 @@ def code_version(*modules: str) -> str:
     return store.stable_hash(sources)
 
 
+@functools.lru_cache(maxsize=None)
+def _assignments(module: str) -> dict[str, str]:
+    """A module's top-level `NAME = …` statements as written, by name."""
+    import ast
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return {}
+    text = Path(spec.origin).read_text()
+    out = {}
+    for node in ast.parse(text).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for target in targets:
+            if isinstance(target, ast.Name):
+                out[target.id] = ast.get_source_segment(text, node) or ""
+    return out
+
+
+def _assignment(module: str, name: str) -> str | None:
+    try:
+        return _assignments(module).get(name)
+    except (ImportError, ValueError, OSError, SyntaxError):
+        return None
+
+
+def _plain(value: Any) -> bool:
+    """A constant whose repr is its value in every process (no object addresses, no set order)."""
+    if isinstance(value, tuple):
+        return all(_plain(v) for v in value)
+    return isinstance(value, (bool, int, float, str, bytes, type(None)))
+
+
 def stage_key(stage: str, config: Any, inputs: dict[str, str], components: tuple[str, ...] = ()) -> str:
     """Hash of the stage's normalised config, its inputs' keys and the code that computes it (the
     stage's CODE_ROOTS plus `components`, the modules of the plugin classes it runs)."""
     return store.stable_hash({"stage": stage, "code": code_version(*CODE_ROOTS[stage], *components),
                               "config": config, "inputs": inputs})
+
+
+def component_stage_key(stage: str, config: Any, inputs: dict[str, str], classes: tuple[type, ...] = ()) -> str:
+    """stage_key with the plugin classes' own code (component_source_digest) in place of their
+    whole modules: editing one probe (or objective) leaves the others' results cached."""
+    return store.stable_hash({"stage": stage, "code": code_version(*CODE_ROOTS[stage]),
+                              "components": {f"{c.__module__}.{c.__qualname__}": component_source_digest(c)
+                                             for c in classes},
+                              "config": config, "inputs": inputs})
+
+
+def component_source_digest(cls: type) -> str:
+    """Hash of a component class's own source and of what it names, followed recursively: its
+    Params, base classes, and the functions, classes and plain constants of its own package or of
+    ablate (interfaces excepted) that it refers to, through `from x import f` or `module.f`. Not
+    the rest of its module. Where a source cannot be read, that module's code_version stands in."""
+    import ast
+    import inspect
+    import sys
+    import textwrap
+
+    roots = {cls.__module__.split(".")[0], "ablate"}
+    skip = _NOT_COMPUTATION | {"ablate.api"}
+    sources: dict[str, str] = {}
+
+    def followed(module: str) -> bool:
+        return module.split(".")[0] in roots and module not in skip
+
+    todo: list[Any] = [cls, getattr(cls, "Params", None)]
+    while todo:
+        obj = todo.pop()
+        module = getattr(obj, "__module__", None) or ""
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)) or not followed(module):
+            continue
+        key = f"{module}:{obj.__qualname__}"
+        if key in sources:
+            continue
+        try:
+            text = textwrap.dedent(inspect.getsource(obj))
+            tree = ast.parse(text)
+        except (OSError, TypeError, SyntaxError):
+            sources[key] = code_version(module)
+            continue
+        sources[key] = hashlib.sha256(text.encode()).hexdigest()
+        namespace = vars(sys.modules[module]) if module in sys.modules else {}
+        inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        for node in ast.walk(tree):
+            if id(node) in inner:  # part of a dotted name, resolved from its outermost node
+                continue
+            chain: list[str] = []
+            while isinstance(node, ast.Attribute):
+                chain.insert(0, node.attr)
+                node = node.value
+            if not isinstance(node, ast.Name) or node.id not in namespace:
+                continue
+            value, owner, name = namespace[node.id], module, node.id
+            for attr in chain:  # module.function: walk the dotted name while it stays in modules
+                if not inspect.ismodule(value) or not hasattr(value, attr):
+                    break
+                value, owner, name = getattr(value, attr), value.__name__, attr
+            if inspect.ismodule(value):
+                if followed(value.__name__):
+                    sources[value.__name__] = code_version(value.__name__)
+            elif inspect.isclass(value) or inspect.isfunction(value):
+                todo.append(value)
+            elif _plain(value) and followed(owner):  # a constant: its assignment as written, else its value
+                sources[f"{owner}:{name}"] = _assignment(owner, name) or repr(value)
+    return store.stable_hash(sources)
 
 
 def cache_status(path: Path, inputs: dict[str, str | None]) -> tuple[bool, str]:

@@ -146,15 +146,22 @@ def expected_rows(spec_path: Path) -> dict[str, str]:
     return out
 
 
+# The CI's small version of the seed calibration (docs/calibration.md: 20 seeds): the null over three
+# seeds, its expectations read on the seeds' t-intervals. Seed 0 trains exactly as the plain spec.
+SEED_RUNS = {"null": ["--set", "sweep.seed=[0,1,2]"]}
+
+
 @pytest.mark.slow
 def test_calibration_specs_meet_their_expectations(tmp_path):
-    """positive → clean_positive, null → holds everywhere, cheap_win → cheap_win; each run exits 0
-    and prints every expectation as met. The three runs share one cache, as in docs/calibration.md."""
+    """positive → clean_positive, null (over three seeds) → holds everywhere, cheap_win → cheap_win;
+    each run exits 0 and prints every expectation as met. The three runs share one cache, as in
+    docs/calibration.md."""
     (tmp_path / "specs").mkdir()
     for name in ("positive", "null", "cheap_win"):
         spec = tmp_path / "specs" / f"{name}.toml"
         shutil.copy(CALIBRATION / f"{name}.toml", spec)
-        out = ablate_cli(["run", f"specs/{name}.toml", "--quiet", "--device", "cpu"], tmp_path)
+        out = ablate_cli(["run", f"specs/{name}.toml", "--quiet", "--device", "cpu", *SEED_RUNS.get(name, [])],
+                         tmp_path)
         assert out.returncode == 0, out.stdout + out.stderr
         results = json.loads(next((tmp_path / "runs").glob(f"calibration_{name}/results.json")).read_text())
         got = {e["what"]: e for e in results["expectations"]}
@@ -165,6 +172,9 @@ def test_calibration_specs_meet_their_expectations(tmp_path):
             assert got[what]["expected"].startswith(expected)
             assert f"expect ✓ {what}: expected {got[what]['expected']}, got {got[what]['got']}" in out.stdout
         assert "expect ✗" not in out.stdout
+        if name in SEED_RUNS:
+            assert all(t["n_seeds"] == 3 and t["verdict"] == "HOLD" for t in results["thresholds"])
+            assert [d["outcome"] for d in results["discriminator"][0]["per_seed"]] == ["holds"] * 3
     report = (tmp_path / "reports" / "calibration_positive.md").read_text()
     assert "**kl_real vs kl_shuf** (control oracle: shuffled): the control is **a no-op for retrieval**" in report
 

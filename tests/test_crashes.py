@@ -87,7 +87,8 @@ def crashing_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         code = ablate_in(cwd, mp, "run", *SPEC_ARGS, "--plugin", str(cwd / "crashing.py"),
                          "--set", 'cells.0.objective={ name = "raises_in_constructor" }',
-                         "--set", 'cells.1.objective={ name = "raises_at_step" }')
+                         "--set", 'cells.1.objective={ name = "raises_at_step" }',
+                         "--set", 'probes.use=["builtins", "raises_on_one_cell"]')
     return cwd, code, printed.getvalue()
 
 

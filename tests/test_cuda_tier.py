@@ -117,3 +117,24 @@ def test_bench_small_on_cuda(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["cells"]["loss_check"]["ok"]
+
+
+def test_ray_executor_gives_the_local_numbers_on_cuda(tmp_path):
+    """The 6 cells of the zeb139 smoke profile through `--executor ray` (a local Ray over the GPUs
+    torch sees) against `--executor local`: equal within bf16 tolerance."""
+    pytest.importorskip("ray", reason="the ray executor needs ray (scripts/gpu-check.sh installs it from .whl/)")
+    shutil.copy(ROOT / "specs" / "zeb139.toml", tmp_path / "zeb139.toml")
+    cells, walls = {}, {}
+    for executor in ("local", "ray"):
+        t0 = time.monotonic()
+        done = ablate(tmp_path, "run", "zeb139.toml", "--profile", "smoke", "--device", "cuda", "--quiet",
+                      "--set", f"name=zeb139_{executor}", "--executor", executor)
+        walls[executor] = time.monotonic() - t0
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        cells[executor] = json.loads((tmp_path / "runs" / f"zeb139_{executor}" / "results.json").read_text())["cells"]
+    assert list(cells["ray"]) == list(cells["local"]) and len(cells["local"]) == 6
+    for name, cell in cells["local"].items():
+        assert cells["ray"][name]["status"] == "done"
+        for key, value in cell["metrics"].items():
+            assert cells["ray"][name]["metrics"][key] == pytest.approx(value, rel=2e-2, abs=1e-3), (name, key)
+    print(f"wall seconds: local {walls['local']:.1f}, ray {walls['ray']:.1f} (stages cached for the second)")

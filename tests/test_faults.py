@@ -130,14 +130,15 @@ def test_nonfinite_loss_and_gradient_stop_only_their_cells(faulty_run):
 
 @pytest.mark.slow
 def test_rerun_resumes_a_failed_cell_from_its_last_good_checkpoint(faulty_run, tmp_path, monkeypatch, capsys):
-    """The fault plugin counts steps from its own first call, so in a new process the NaN of the
-    first cell falls after its last step (a transient fault): that cell resumes from step 5 and
-    finishes; the second cell, without a checkpoint, restarts and fails at step 3 again."""
+    """With --retry-failed (a plain rerun skips failed cells). The fault plugin counts steps from its
+    own first call, so in a new process the NaN of the first cell falls after its last step (a
+    transient fault): that cell resumes from step 5 and finishes; the second cell, without a
+    checkpoint, restarts and fails at step 3 again."""
     src, _, _, plugin = faulty_run
     cwd = tmp_path / "rerun"
     shutil.copytree(src, cwd)
     plugin = ["--plugin", str(cwd / "faulty.py")]
-    code = ablate_in(cwd, monkeypatch, "run", *SPEC_ARGS, *FAULTS, *plugin, "--device", "cpu")
+    code = ablate_in(cwd, monkeypatch, "run", *SPEC_ARGS, *FAULTS, *plugin, "--device", "cpu", "--retry-failed")
     printed = capsys.readouterr()
     assert code == 1
     assert "resuming from step 5" in printed.err

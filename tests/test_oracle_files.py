@@ -82,8 +82,8 @@ def test_a_computed_oracles_key_ignores_the_file_fields(monkeypatch):
     monkeypatch.setattr(stages, "stage_key", lambda stage, config, inputs, components=(): seen.append(config) or "k")
     stages.oracle_key(TINY, "teacher-key", "corpus-key")
     old = TINY.oracle.model_dump(exclude={"teacher_max_ce", "teacher_health", "source", "table", "sidecar", "stats",
-                                          "shuffled_table", "shuffled_sidecar"})
-    assert seen == [old]  # the config of oracles computed before `source` existed: their keys stay
+                                          "shuffled_table", "shuffled_sidecar", *stages.CONTROL_SEEDS})
+    assert seen == [old]  # no file fields (nor control seeds: they are the control cells' keys)
 
 
 # ---------------------------------------------------------------------------------- import

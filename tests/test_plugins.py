@@ -17,6 +17,7 @@ from cli_run import ablate_in
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "plugins" / "examples" / "ablate-example-objective"
+EXAMPLE_PROBE = ROOT / "plugins" / "examples" / "ablate-example-probe"
 
 
 def test_builtins_come_from_the_entry_point_group():
@@ -145,17 +146,22 @@ def test_local_plugin_that_fails_to_import(tmp_path, capsys):
     assert "broken.py failed to import" in err and "no_such_module_xyz" in err
 
 
-@pytest.fixture(scope="module")
-def installed_example(tmp_path_factory):
-    """pip-install the example package into an isolated target directory, as a stranger would."""
+def _pip_install(package: Path, tmp_path_factory) -> Path:
+    """pip-install an example package into an isolated target directory, as a stranger would
+    (offline: no dependencies, no build isolation)."""
     import shutil
 
     target = tmp_path_factory.mktemp("site")
-    source = tmp_path_factory.mktemp("src") / EXAMPLE.name  # build outside the repo
-    shutil.copytree(EXAMPLE, source)
+    source = tmp_path_factory.mktemp("src") / package.name  # build outside the repo
+    shutil.copytree(package, source)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(source)], check=True, capture_output=True)
     return target
+
+
+@pytest.fixture(scope="module")
+def installed_example(tmp_path_factory):
+    return _pip_install(EXAMPLE, tmp_path_factory)
 
 
 def _ablate(args, target, cwd=None):
@@ -186,8 +192,8 @@ def test_pip_installed_objective_runs_a_spec(installed_example, tmp_path):
 
 
 def test_two_plugins_registering_one_probe_name_stop_a_run_before_any_work(tmp_path, monkeypatch, capsys):
-    """Every installed probe runs on every spec, so a probe name claimed twice fails `run` at once,
-    not after the cells have trained."""
+    """A spec that selects a probe name two plugins claim fails `run` at once, not after the cells
+    have trained."""
     probe = textwrap.dedent("""
         from ablate import hookimpl
         from ablate.components import Probe
@@ -205,7 +211,75 @@ def test_two_plugins_registering_one_probe_name_stop_a_run_before_any_work(tmp_p
     (tmp_path / "b.py").write_text(probe)
     (tmp_path / "demo.toml").write_text((ROOT / "specs" / "demo.toml").read_text())
     code = ablate_in(tmp_path, monkeypatch, "run", "demo.toml", "--profile", "tiny", "--device", "cpu", "--quiet",
-                     "--plugin", str(tmp_path / "a.py"), "--plugin", str(tmp_path / "b.py"))
+                     "--plugin", str(tmp_path / "a.py"), "--plugin", str(tmp_path / "b.py"),
+                     "--set", 'probes.use=["builtins", "claimed_twice"]')
     err = capsys.readouterr().err
     assert code == 2 and "'claimed_twice' is registered by more than one plugin" in err
     assert not (tmp_path / ".ablate-cache").exists() and not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------ the example probe package
+
+
+@pytest.fixture(scope="module")
+def installed_probe(tmp_path_factory):
+    return _pip_install(EXAMPLE_PROBE, tmp_path_factory)
+
+
+PROBE_RUN = ["--profile", "tiny", "--quiet", "--device", "cpu", "--set", "backbone.pretrain.steps=2",
+             "--set", "teacher.steps=2", "--set", "train.steps=6"]
+
+
+def test_example_probe_package_is_listed_and_validated(installed_probe):
+    out = _ablate(["plugins"], installed_probe)
+    assert out.returncode == 0, out.stderr
+    assert "next-token-accuracy" in out.stdout and "ablate-example-probe 0.1.0" in out.stdout
+    ok = _ablate(["validate", "specs/demo.toml", "--set", 'probes.use=["builtins", "next-token-accuracy"]',
+                  "--set", "probes.next-token-accuracy={k=3}"], installed_probe)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = _ablate(["validate", "specs/demo.toml", "--set", 'probes.use=["builtins", "next-token-accuracy"]',
+                   "--set", "probes.next-token-accuracy={k=0, top=2}"], installed_probe)
+    assert bad.returncode == 2
+    assert "probes.next-token-accuracy.k" in bad.stderr and "probes.next-token-accuracy.top" in bad.stderr
+    assert "probe 'next-token-accuracy' accepts: k" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def probe_runs(installed_probe, tmp_path_factory):
+    """The demo at a few steps in one directory: first with the example probe listed (k = 3), then
+    with the default `use` (the cells are reused) → {"listed": results, "default": results}."""
+    import json
+
+    cwd = tmp_path_factory.mktemp("probe_run")
+    (cwd / "specs").mkdir()
+    (cwd / "specs" / "probed.toml").write_text((ROOT / "specs" / "demo.toml").read_text().replace(
+        'name = "demo"', 'name = "probed"'))
+    out = {}
+    for label, sets in [("listed", ["--set", 'probes.use=["builtins", "next-token-accuracy"]',
+                                    "--set", "probes.next-token-accuracy={k=3}"]),
+                        ("default", [])]:
+        run = _ablate(["run", "specs/probed.toml", *PROBE_RUN, *sets], installed_probe, cwd=cwd)
+        assert run.returncode == 0, run.stdout + run.stderr
+        out[label] = (json.loads((cwd / "runs" / "probed" / "results.json").read_text()),
+                      (cwd / "reports" / "probed.md").read_text())
+    return out
+
+
+@pytest.mark.slow
+def test_a_listed_example_probe_runs_and_appears_in_the_report(probe_runs):
+    results, report = probe_runs["listed"]
+    for cell in results["cells"].values():
+        acc = cell["metrics"]["next_token_topk_acc"]
+        assert 0.0 <= acc <= 1.0 and {"inj_rms_L2", "inj_rms_L5"} <= cell["metrics"].keys()
+    info = results["metric_info"]["next_token_topk_acc"]  # its metadata travels with the results
+    assert info["unit"] == "fraction, in [0, 1]" and info["section"] == "next-token accuracy (example probe)"
+    assert "### next-token accuracy (example probe)" in report and "| next_token_topk_acc |" in report
+    assert "**next_token_topk_acc** [fraction, in [0, 1]]" in report
+
+
+@pytest.mark.slow
+def test_an_example_probe_not_listed_does_not_run(probe_runs):
+    results, report = probe_runs["default"]
+    assert all("next_token_topk_acc" not in c["metrics"] for c in results["cells"].values())
+    assert "next_token_topk_acc" not in results["metric_meanings"] and "next_token_topk_acc" not in report
+    assert "engram_logit_entropy" in results["cells"]["router_on_real"]["metrics"]  # the built-ins ran

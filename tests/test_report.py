@@ -12,6 +12,8 @@ import pytest
 
 from ablate.report import render_comparison, render_report
 from ablate.verdict import combine, discriminate, evaluate_spec_rule
+from ablate.probe_selection import metric_info
+from ablate_builtins.battery import BATTERY_PROBES
 from ablate_builtins.probes import BUILTIN_PROBES
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -107,7 +109,7 @@ def make_results(root: Path, name: str = "zeb139", entropy: float = 6.2116, lam:
         "discriminator": [{"real": "on_real", "shuffled": "on_shuf", **disc,
                            "real_label": combination["on_real"]["label"],
                            "shuffled_label": combination["on_shuf"]["label"]}],
-        "metric_meanings": meanings,
+        "metric_meanings": meanings, "metric_info": metric_info((*BUILTIN_PROBES, *BATTERY_PROBES)),
         "provenance": {"git_sha": "d4c7541d74b2c50f6a9ef281f686a63b826ad911", "git_dirty": True,
                        "versions": {"torch": "2.13.0", "ablate": "0.1.0"}, "plugins": {"probe:gates": "ablate 0.1.0"},
                        "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "seed": 0,
@@ -209,7 +211,7 @@ def test_report_sections_and_generated_sentences(tmp_path):
     assert "off_real (4.5546) and off_shuf (4.5544) agree within 0.0003 nats" in text
     assert "content_gain = -0.000224 nats (real content raised the loss)" in text
     for cell, comb in results["combination"].items():
-        assert f"| {cell} | {comb['crossed']} | {comb['total']} |" in text
+        assert f"| {cell} | {comb['crossed']} | {comb['undecided']} | {comb['total']} |" in text
     assert results["discriminator"][0]["meaning"] in text
     assert "d4c7541d74b2c50f6a9ef281f686a63b826ad911" in text and "uncommitted changes: yes" in text
     assert "NVIDIA H100 80GB HBM3" in text and "--set train.steps=200" in text
@@ -370,3 +372,107 @@ def test_comparison_sets_swept_cells_beside_their_unswept_counterpart(tmp_path):
     text = render_comparison([a, b], tmp_path / "reports" / "cmp.md")
     assert "### on_real@lambda=0.9 (zeb139) ↔ on_real (zeb136)" in text
     assert "no counterpart" not in text
+
+
+# ------------------------------------------------------------------------ seeds and the summary
+
+
+def seeded_results(root: Path, cross: tuple = (0.978, 0.995, 0.41), off_gain: tuple = (0.0008, -0.0012, 0.0005)) -> dict:
+    """make_results with the verdict blocks of the demo over seeds 0, 1, 2, computed by ablate.results
+    from synthetic per-seed metrics: the real router's entropy breaks at every seed, cross_run_cos
+    straddles its bound over the seeds (seed 0 alone holds), so the real cell is soft or broken;
+    the router-off content_gain noise spreads past content_gain's bound 0.001."""
+    import tomllib
+
+    from ablate.plugins import load_registry
+    from ablate.results import judge, noise_floor, seed_axis
+    from ablate.spec import spec_from_dict
+    from ablate.verdict import run_reading
+
+    demo = Path(__file__).resolve().parents[1] / "specs" / "demo.toml"
+    spec = spec_from_dict(tomllib.loads(demo.read_text()), ["sweep.seed=[0,1,2]"], "tiny", load_registry())
+    metrics = {c.name: ({"engram_logit_entropy": math.log(256) - 0.01 * c.seed - (0.2 if c.oracle == "real" else 0),
+                         "alpha": 0.17 + 0.001 * c.seed,
+                         "w_align_drift": 0.01} if c.router else {}) for c in spec.cells}
+    for s in (0, 1, 2):
+        metrics[f"router_on_real@seed={s}"].update(cross_run_cos=cross[s], content_gain=0.0001 * (s + 1))
+    pairs = [{"real": f"router_off_real@seed={s}", "shuffled": f"router_off_shuf@seed={s}",
+              "metrics": {"content_gain": off_gain[s]}} for s in (0, 1, 2)]
+    thresholds, combination, discriminator = judge(spec, metrics, {"log_vocab": math.log(256)}, {})
+    results = make_results(root)
+    results.update(thresholds=thresholds, combination=combination, discriminator=discriminator,
+                   noise_floor=noise_floor(spec, pairs, thresholds), seeds=seed_axis(spec),
+                   axes={"objective": "kl_ce", "teacher": "llama-local"}, bound_names={"log_vocab": math.log(256)},
+                   spec=spec.model_dump(mode="json", by_alias=True, exclude={"profiles"}))
+    results["reading"] = run_reading(results)
+    return results
+
+
+def summary_lines(text: str) -> list[str]:
+    block = text.split("## Summary\n")[1].split("\nAxes:")[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_the_report_opens_with_its_answer_over_seeds(tmp_path):
+    results = seeded_results(tmp_path)
+    text, _ = render(tmp_path, results)
+    assert text.index("## Summary") < text.index("## Conventions") < text.index("## Thresholds")
+    lines = summary_lines(text)
+    assert 3 <= len(lines) <= 6 and lines[0].startswith("**Question.**")
+    assert lines[1].startswith("- router_on_real vs router_on_shuf: **undecided between clean_positive and holds** "
+                               "(over 3 seeds, 95% t-intervals)")
+    assert "per seed: holds (seeds 0, 1), clean_positive (seed 2)" in lines[1]
+    assert lines[2].startswith("- **Outer 2×2**") and "reads **undecided (breaks or soft)**" in lines[2]
+    assert lines[3].startswith("- **Noise:** router-off content_gain") and "lies inside the noise" in lines[3]
+    cross = next(t for t in results["thresholds"] if t["name"] == "cross_run")
+    assert cross["verdict"] == "UNDECIDED" and cross["sentence"] in text
+    assert "Per seed: HOLD (seeds 0, 1), BREAK (seed 2)" in text and "Per seed: HOLD at all 3 seeds" in text
+    assert "cross_run (router_on_real) HOLD → UNDECIDED" in text  # seed 0 alone vs the three seeds
+    assert "  - noise floor: router-off content_gain" in text  # beside content_gain's threshold
+    assert "| router_on_real | 1 | 1 | 5 | 0 | **undecided** (soft signal or broken) |" in text
+    assert untraceable_numbers(text, results) == []
+
+
+def test_a_single_seed_run_says_so_and_its_summary_stays_short(tmp_path):
+    results = make_results(tmp_path)
+    text, _ = render(tmp_path, results)
+    lines = summary_lines(text)
+    assert 3 <= len(lines) <= 6 and lines[1].startswith("- on_real vs on_shuf: **holds**")
+    assert "Single seed: each verdict reads the value itself" in text
+    assert "**Outer 2×2**" in lines[2] and "reads **holds**" in lines[2] and "structural ceiling" in lines[2]
+
+
+def test_outer_two_by_two_from_two_runs(tmp_path, monkeypatch):
+    from cli_run import ablate_in
+
+    a = make_results(tmp_path, "zeb139")
+    b = make_results(tmp_path, "zeb138")
+    b["axes"] = {"objective": "ce", "teacher": "same-arch"}
+    b["combination"]["on_real"]["label"] = "broken"
+    text = render_comparison([a, b], tmp_path / "reports" / "outer.md", outer=True)
+    section = text.split("## Outer 2×2")[1].split("\n## ")[0]
+    assert "zeb139 (objective kl_ce, teacher tinyllama) reads **holds**" in section
+    assert "zeb138 (objective ce, teacher same-arch) reads **broken**" not in section  # readings, not labels
+    assert "reads **breaks** (on_real: broken)" in section
+    assert "**Reading:** teacher architecture dominates → same-arch teacher as substrate, drop KL focus." in section
+    marked = [line for line in section.splitlines() if line.endswith("◀ |")]
+    assert len(marked) == 1 and marked[0].startswith("| holds (zeb139) | breaks (zeb138) |")
+    # through the CLI: `ablate report A B --outer`, written into the comparison report
+    for run in (a, b):
+        (tmp_path / "runs" / run["name"]).mkdir(parents=True)
+        (tmp_path / "runs" / run["name"] / "results.json").write_text(json.dumps(run))
+    assert ablate_in(tmp_path, monkeypatch, "report", "zeb139", "zeb138", "--outer") == 0
+    written = (tmp_path / "reports" / "zeb139-vs-zeb138.md").read_text()
+    assert "**Reading:** teacher architecture dominates" in written
+    assert ablate_in(tmp_path, monkeypatch, "report", "zeb139", "--outer") == 2
+    assert ablate_in(tmp_path, monkeypatch, "report", "zeb139", "zeb138") == 2
+
+
+def test_the_seed_note_says_why_no_reading_differs(tmp_path):
+    results = seeded_results(tmp_path, cross=(0.98, 0.99, 0.97))
+    text, _ = render(tmp_path, results)
+    note = next(line for line in text.splitlines() if line.startswith("**Seed 0 alone vs all seeds:**"))
+    assert "no reading differs" in note and "the interval nearest its bound, counted in half-widths, is" in note
+    near = min((t for t in results["thresholds"] if t["half_width"]), key=lambda t: t["margin"] / t["half_width"])
+    assert f"{near['name']} ({near['cell']})'s" in note
+    assert untraceable_numbers(text, results) == []

@@ -338,3 +338,151 @@ def test_rubric_text_names_every_bound():
         for word, conds in reading.outcomes:
             assert f"{word} if " + " and ".join(
                 f"{c.label} ({c.metric.removesuffix('_L{l}')}) {OPS[c.kind]} {c.bound:g}" for c in conds) in text
+
+
+# ---------------------------------------------------------------------------------- over seeds
+
+IV_RE = re.compile(rf"mean (?P<m>{NUM}) over (?P<n>\d+) seeds \(sd (?P<sd>{NUM}); 95% t-interval "
+                   rf"\[(?P<lo>{NUM}), (?P<hi>{NUM})\]\)")
+
+
+@pytest.mark.parametrize("df, t", [(2, 4.302653), (4, 2.776445), (19, 2.093024), (1, 12.706205), (30, 2.042272)])
+def test_t_quantile_matches_the_tables(df, t):
+    from ablate.verdict import t_cdf, t_quantile
+
+    assert t_quantile(0.975, df) == pytest.approx(t, abs=1e-6)
+    assert t_cdf(t_quantile(0.975, df), df) == pytest.approx(0.975, abs=1e-12)
+    assert t_cdf(-t, df) == pytest.approx(0.025, abs=1e-6) and t_cdf(0.0, df) == 0.5
+
+
+# Seeds 0, 1, 2 read 1.0, 2.0, 4.0, worked by hand: mean 7/3; squared deviations 16/9, 1/9, 25/9 sum to
+# 42/9, so s² = 42/18 = 7/3 and s = 1.527525; half-width t(0.975, 2)·s/√3 = 4.302653 × 0.881917 = 3.794583;
+# interval [-1.461250, 6.127916].
+HAND = {"mean": 7 / 3, "sd": math.sqrt(7 / 3), "low": 7 / 3 - 3.794583, "high": 7 / 3 + 3.794583}
+VALUES = [(0, "c@seed=0", 1.0), (1, "c@seed=1", 2.0), (2, "c@seed=2", 4.0)]
+
+
+@pytest.mark.parametrize("rule, verdict", [
+    ({"below": 6.1}, "UNDECIDED"), ({"below": 6.13}, "BREAK"), ({"below": -1.47}, "HOLD"), ({"below": -1.45}, "UNDECIDED"),
+    ({"at_least": -1.47}, "BREAK"), ({"at_least": 6.13}, "HOLD"), ({"above": 0.0}, "UNDECIDED"),
+    ({"at_most": 7.0}, "BREAK"),
+    ({"outside": [7.0, 8.0]}, "BREAK"), ({"outside": [-2.0, 7.0]}, "HOLD"), ({"outside": [0.0, 1.0]}, "UNDECIDED"),
+    ({"outside": [-1.0, 6.0]}, "UNDECIDED"),  # the interval spans the whole band: either side is possible
+    ({"inside": [-2.0, 7.0]}, "BREAK"), ({"inside": [7.0, 8.0]}, "HOLD"), ({"inside": [-1.0, 6.0]}, "UNDECIDED"),
+    ({"inside": [6.0, 7.0]}, "UNDECIDED"),
+])
+def test_over_seeds_against_a_hand_computed_interval(rule, verdict):
+    from ablate.verdict import evaluate_over_seeds
+
+    r = evaluate_over_seeds("th", "m", "c", VALUES, rule, {})
+    assert r["n_seeds"] == 3 and r["verdict"] == verdict and r["cell"] == "c"
+    assert r["mean"] == pytest.approx(HAND["mean"], abs=1e-12) and r["value"] == r["mean"]
+    assert r["sd"] == pytest.approx(HAND["sd"], abs=1e-12)
+    assert r["ci_low"] == pytest.approx(HAND["low"], abs=1e-6) and r["ci_high"] == pytest.approx(HAND["high"], abs=1e-6)
+    assert [s["verdict"] for s in r["seeds"]] == [evaluate("th", "m", "c", v, rule).verdict for _, _, v in VALUES]
+    m = IV_RE.search(r["sentence"])
+    assert m and r["sentence"].endswith(f"→ {verdict}")
+    assert is_rounding_of(m["lo"], r["ci_low"]) and is_rounding_of(m["hi"], r["ci_high"]) and m["n"] == "3"
+    assert ("straddles" in r["sentence"] or "overlaps" in r["sentence"]) == (verdict == "UNDECIDED")
+
+
+def test_one_seed_keeps_todays_verdict_labelled_single_seed():
+    from ablate.verdict import evaluate_over_seeds, evaluate_spec_rule
+
+    rule, names = {"below": "log_vocab - 0.1"}, {"log_vocab": math.log(512)}
+    r = evaluate_over_seeds("entropy", "engram_logit_entropy", "c", [(None, "c", 6.1)], rule, names)
+    today = evaluate_spec_rule("entropy", "engram_logit_entropy", "c", 6.1, rule, names)
+    assert {k: r[k] for k in today} == today and r["basis"] == "single seed"
+    assert (r["n_seeds"], r["mean"], r["ci_low"], r["ci_high"]) == (1, 6.1, None, None)
+    # a seed group whose other seeds have no value reads the one value it has
+    r = evaluate_over_seeds("entropy", "engram_logit_entropy", "c", [(0, "c@seed=0", 6.1), (1, "c@seed=1", None)],
+                            rule, names)
+    assert r["verdict"] == today["verdict"] and r["missing_seeds"] == [1] and r["n_seeds"] == 1
+    none = evaluate_over_seeds("entropy", "engram_logit_entropy", "c", [(0, "c@seed=0", None)], rule, names)
+    assert none["verdict"] == "MISSING" and none["n_seeds"] == 0
+
+
+@SETTINGS
+@given(values=st.lists(st.floats(min_value=-1e3, max_value=1e3, allow_nan=False), min_size=2, max_size=8))
+def test_the_interval_contains_the_mean_and_shrinks_with_more_identical_values(values):
+    from ablate.verdict import seed_interval
+
+    one, two, three = (seed_interval(values * k) for k in (1, 2, 3))
+    assert one["ci_low"] <= one["mean"] <= one["ci_high"]
+    if one["sd"] > 1e-9 * max(1.0, max(abs(v) for v in values)):
+        assert one["half_width"] > two["half_width"] > three["half_width"]
+    assert seed_interval([values[0]] * 5)["half_width"] == 0.0
+
+
+def test_undecided_thresholds_make_a_label_uncertain():
+    out = combine(_rows({"a": "BREAK", "b": "UNDECIDED", "c": "HOLD"}))
+    assert (out["label"], out["possible_labels"], out["broken"]) == ("undecided", ["soft signal", "broken"], None)
+    assert out["undecided"] == 1 and out["undecided_names"] == ["b"] and out["crossed"] == 1
+    out = combine(_rows({"a": "UNDECIDED", "b": "HOLD"}))
+    assert (out["label"], out["possible_labels"], out["broken"]) == ("undecided", ["holds", "soft signal"], False)
+    out = combine(_rows({"a": "BREAK", "b": "BREAK", "c": "UNDECIDED"}))  # broken either way
+    assert (out["label"], out["broken"]) == ("broken", True)
+    out = combine(_rows({"a": "UNDECIDED", "b": "UNDECIDED"}), soft_at=3, broken_at=4)  # holds either way
+    assert (out["label"], out["broken"]) == ("holds", False)
+
+
+@pytest.mark.parametrize("real, shuf, outcome, possible", [
+    (None, False, "undecided", ["cheap_win", "clean_positive"][1:] + ["holds"]),
+    (True, None, "undecided", ["cheap_win", "clean_positive"]),
+    (None, None, "undecided", ["cheap_win", "clean_positive", "anomaly", "holds"]),
+    (False, False, "holds", ["holds"]),
+])
+def test_discriminate_with_undecided_cells(real, shuf, outcome, possible):
+    out = discriminate(real, shuf)
+    assert out["outcome"] == outcome and sorted(out["possible"]) == sorted(possible)
+    if outcome == "undecided":
+        assert all(p in out["meaning"] for p in possible)
+
+
+def test_per_seed_labels_and_the_discriminator_sentence():
+    from ablate.verdict import discriminator_sentence, evaluate_over_seeds, per_seed_labels
+
+    own = [evaluate_over_seeds("a", "m", "c", VALUES, {"below": 1.5}, {}),  # BREAK at seed 0 only
+           evaluate_over_seeds("b", "m", "c", VALUES, {"below": 3.0}, {})]  # BREAK at seeds 0 and 1
+    labels = per_seed_labels(own)
+    assert [(p["seed"], p["label"]) for p in labels] == [(0, "broken"), (1, "soft signal"), (2, "holds")]
+    real = combine(own)
+    assert real["label"] == "undecided" and real["possible_labels"] == ["holds", "soft signal", "broken"]
+    shuf = combine(_rows({"a": "HOLD"}))
+    d = {"real": "c", "shuffled": "s", **discriminate(real["broken"], shuf["broken"]),
+         "per_seed": [{"seed": 0, "outcome": "clean_positive"}]}
+    text = discriminator_sentence(d, real, shuf, 3)
+    assert text.startswith("undecided between clean_positive and holds (over 3 seeds, 95% t-intervals)")
+    assert "real holds or soft signal or broken (0 of 2 thresholds BREAK, 2 UNDECIDED: a, b)" in text
+    assert text.endswith("per seed: clean_positive (seed 0)")
+    d["per_seed"] = [{"seed": 0, "outcome": "holds"}, {"seed": 1, "outcome": "clean_positive"}, {"seed": 2, "outcome": "holds"}]
+    assert discriminator_sentence(d, real, shuf, 3).endswith("per seed: holds (seeds 0, 2), clean_positive (seed 1)")
+    assert discriminator_sentence({**d, **discriminate(False, False), "per_seed": []}, shuf, shuf, 1).startswith(
+        "holds (single seed: no interval)")
+
+
+def test_outer_two_by_two_of_reference_7_4():
+    from ablate.verdict import OUTER_SOFT, outer_reading, run_reading
+
+    def run(label, objective="kl_ce", possible=None):
+        comb = {"r": {"label": label, **({"possible_labels": possible} if possible else {})}}
+        return run_reading({"combination": comb, "discriminator": [{"real": "r"}], "axes": {"objective": objective}})
+
+    assert outer_reading(run("holds"), run("broken", "ce"))["reading"].startswith("teacher architecture dominates")
+    assert outer_reading(run("holds"), run("holds", "ce"))["reading"].startswith("structural ceiling")
+    assert outer_reading(run("broken"), run("broken", "ce"))["reading"].startswith("objective alone suffices")
+    assert outer_reading(run("broken"), run("holds", "ce"))["reading"].startswith("objective dominates")
+    assert outer_reading(run("soft signal"), run("holds", "ce"))["reading"] == OUTER_SOFT
+    a = run("undecided", possible=["holds", "soft signal"])
+    assert (a["reading"], a["possible"], a["role"]) == ("undecided", ["soft", "holds"], "objective")
+    out = outer_reading(a, run("broken", "ce"))
+    assert out["reading"] == "undecided" and len(out["options"]) == 2 and "more seeds" in out["sentence"]
+    assert run("holds", "ce")["role"] == "teacher"
+
+
+def test_rates_print_three_significant_digits():
+    from ablate.verdict import fmt_rate
+
+    assert [fmt_rate(x) for x in (461102.7103, 1234.5, 87.21, 999.96, 12345678, 0.01234)] == \
+        ["461k", "1.23k", "87.2", "1.00k", "12.3M", "0.0123"]
+    assert fmt_rate(None) == "—"

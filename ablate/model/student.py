@@ -15,14 +15,17 @@ them, so a [B, T, V] router snapshot never outlives the caller's use of it (pitf
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ablate import fastpath
+from ablate.components import InjectionTrace, RouterState, Trace
 from ablate.errors import InputError
 from ablate.model.backbone import Backbone
 from ablate.model.engram import EngramCrossAttention, GatedEngramInjection, XAttnOut
@@ -186,3 +189,56 @@ class Student(nn.Module):
             logits = logits.add_(router_logits)  # in place: no second [B, T, V] buffer
         return StudentOutput(logits=logits, router_logits=router_logits, vc=vc, qd=qd,
                              gates=gates, traces=traces, e=e, aligned=aligned)
+
+    # ------------------------------------------------- the StudentView protocol (ablate.components)
+
+    @contextmanager
+    def _probing(self) -> Iterator[None]:
+        """Eval mode, no grad, autocast off; the previous train/eval mode is restored."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad(), torch.autocast(device_type=self.table.device.type, enabled=False):
+                yield
+        finally:
+            self.train(was_training)
+
+    @property
+    def injection_layers(self) -> list[int]:
+        return sorted(int(k) for k in self.engram_injections)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, d] the live LM-head matrix E, detached."""
+        return self.backbone.lm_head_weight.detach()
+
+    @property
+    def router(self) -> RouterState | None:
+        r = self.engram_skip_router
+        if r is None:
+            return None
+        return RouterState(W_align=r.W_align.weight.detach(), log_alpha=r.log_alpha.item(), alpha=r.alpha.item())
+
+    def gate(self, layer: int) -> float:
+        return math.tanh(self.engram_injections[str(layer)].gate.item())
+
+    def trace(self, tokens: torch.Tensor) -> Trace:
+        """tokens [B, T] int64 → Trace (the traced forward, inject_mult = 1)."""
+        with self._probing():
+            out = self(tokens.to(self.table.device), trace=True)
+        layers = {l: InjectionTrace(h_in=tr.h_in, inj=tr.inj, out=tr.xattn.out, indices=tr.xattn.indices,
+                                    sims=tr.xattn.sims, attn=tr.xattn.attn) for l, tr in out.traces.items()}
+        return Trace(logits=out.logits, layers=layers, router_logits=out.router_logits, aligned=out.aligned)
+
+    def inject(self, layer: int, h_in: torch.Tensor, table: torch.Tensor) -> InjectionTrace:
+        """The injection of `layer` on h_in [B, T, d] against `table` [N', E] (moved to this device)."""
+        with self._probing():
+            inj, x = self.engram_injections[str(layer)](h_in, table.to(self.table.device))
+        return InjectionTrace(h_in=h_in, inj=inj, out=x.out, indices=x.indices, sims=x.sims, attn=x.attn)
+
+    def row_values(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows [m] int64 → (LayerNorm(T[rows]) [m, E], W_v·LayerNorm(T[rows]) [m, d]) of `layer`."""
+        xattn = self.engram_injections[str(layer)].xattn
+        with self._probing():
+            normed = xattn.row_norm(self.table[rows.to(self.table.device)])
+            return normed, xattn.W_v(normed)

@@ -5,8 +5,9 @@ all is ablate.verdict.BATTERY_RUBRIC.
 Every statistic is computed on one probe batch (N = B·T tokens) and averaged over the batches,
 as D/P/E/M are. The hidden state h_in [B, T, d] each injection reads and its injection
 inj = tanh(a)·xattn(h_in) [B, T, d] (gate included) come from the student's traced forward; X
-recomputes the injection module inline on the captured h_in against another table. No hook is
-installed. Probes run with inject_mult = 1, so the zero-injection multiplier is 1 throughout.
+recomputes the injection on the captured h_in against another table (StudentView.inject). No hook
+is installed. Probes run with inject_mult = 1, so the zero-injection multiplier is 1 throughout.
+Like every plugin, this module imports only ablate.api (and the sibling built-in probes module).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import math
 
 import torch
 
-from ablate.components import CellView, Params, Probe
-from ablate.oracle import gaussian_twin
-from ablate_builtins.probes import COS_EPS, cosine, mean, probing, traced
+from ablate.api import CellView, InjectionTrace, Metric, Params, Probe, StudentView, gaussian_twin
+from ablate_builtins.probes import COS_EPS, cosine, mean, measuring, traced
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -103,61 +103,66 @@ class InjectionBattery(Probe):
         seed: int = 0  # Q-overlap token pairs and the X floor's permutation
         pairs: int = 500  # Q-overlap: random distinct token pairs per batch
 
-    metrics = {
-        "inj_concentration_R_L{l}": "W: R = norm of the mean unit injection vector over a batch's tokens (signed "
-                                    "concentration, unitless, in [0, 1])",
-        "inj_axis_rms_L{l}": "W: axis RMS = √(mean over all token pairs of cos²(inj_i, inj_j)), via the d×d Gram "
-                             "trick (unitless, in [R², 1]; 1 = every injection on one axis, either sign)",
-        "inj_hidden_cos_L{l}": "A: mean signed cos(injection, hidden state it is added to) (unitless, in [−1, 1])",
-        "inj_hidden_abs_cos_L{l}": "A |abs|: mean |cos(injection, hidden state it is added to)| (unitless, in [0, 1])",
-        "content_swap_cos_L{l}": "X: mean signed cos between the injection on the cell's own table and on a Gaussian "
-                                 "table with its per-dimension mean/std (seed 42), same model and hidden states "
-                                 "(unitless, in [−1, 1]; 1 = V content-blind)",
-        "content_swap_abs_cos_L{l}": "X |abs|: the same, mean |cos| (unitless, in [0, 1])",
-        "content_swap_floor_L{l}": "X floor: mean |cos| between each token's injection and another random token's "
-                                   "(unitless, in [0, 1]; what X |abs| reads with unrelated content)",
-        "topk_jaccard_mean_L{l}": "Q-overlap: mean Jaccard of the top-k row sets of 500 random distinct token pairs "
-                                  "(seed 0) (unitless, in [0, 1])",
-        "topk_jaccard_median_L{l}": "Q-overlap: median of those Jaccards (unitless, in [0, 1])",
-        "row_usage_cv_L{l}": "Q-occupancy: population std / mean of the retrieval counts of the rows used at least "
-                             "once in a batch (unitless; 0 = even use)",
-        "v_rank_rows_eff_L{l}": "V-rank: effective rank exp(H(σ²/Σσ²)) of LayerNorm(T[S]), S = the batch's unique "
-                                "retrieved rows (dimensions, ≤ engram_dim)",
-        "v_rank_values_eff_L{l}": "V-rank: effective rank of the value projection W_v·LayerNorm(T[S]) (dimensions)",
-        "v_rank_rows_hard_L{l}": "V-rank: hard rank of LayerNorm(T[S]), tolerance max(m, n)·eps·σ_max (dimensions)",
-        "v_rank_values_hard_L{l}": "V-rank: hard rank of W_v·LayerNorm(T[S]) (dimensions)",
-        "v_rank_hard_ratio_L{l}": "V-rank: v/e = hard rank of the values / hard rank of the rows (unitless; < 1 = "
-                                  "the value projection compresses)",
-    }
+    metrics = tuple(Metric(name, meaning, unit, "injection battery") for name, meaning, unit in (
+        ("inj_concentration_R_L{l}", "W: R = norm of the mean unit injection vector over a batch's tokens (signed "
+                                     "concentration, unitless, in [0, 1])", "unitless"),
+        ("inj_axis_rms_L{l}", "W: axis RMS = √(mean over all token pairs of cos²(inj_i, inj_j)), via the d×d Gram "
+                              "trick (unitless, in [R², 1]; 1 = every injection on one axis, either sign)", "unitless"),
+        ("inj_hidden_cos_L{l}", "A: mean signed cos(injection, hidden state it is added to) (unitless, in [−1, 1])",
+         "unitless"),
+        ("inj_hidden_abs_cos_L{l}", "A |abs|: mean |cos(injection, hidden state it is added to)| (unitless, in "
+                                    "[0, 1])", "unitless"),
+        ("content_swap_cos_L{l}", "X: mean signed cos between the injection on the cell's own table and on a "
+                                  "Gaussian table with its per-dimension mean/std (seed 42), same model and hidden "
+                                  "states (unitless, in [−1, 1]; 1 = V content-blind)", "unitless"),
+        ("content_swap_abs_cos_L{l}", "X |abs|: the same, mean |cos| (unitless, in [0, 1])", "unitless"),
+        ("content_swap_floor_L{l}", "X floor: mean |cos| between each token's injection and another random token's "
+                                    "(unitless, in [0, 1]; what X |abs| reads with unrelated content)", "unitless"),
+        ("topk_jaccard_mean_L{l}", "Q-overlap: mean Jaccard of the top-k row sets of 500 random distinct token "
+                                   "pairs (seed 0) (unitless, in [0, 1])", "unitless"),
+        ("topk_jaccard_median_L{l}", "Q-overlap: median of those Jaccards (unitless, in [0, 1])", "unitless"),
+        ("row_usage_cv_L{l}", "Q-occupancy: population std / mean of the retrieval counts of the rows used at least "
+                              "once in a batch (unitless; 0 = even use)", "unitless"),
+        ("v_rank_rows_eff_L{l}", "V-rank: effective rank exp(H(σ²/Σσ²)) of LayerNorm(T[S]), S = the batch's unique "
+                                 "retrieved rows (dimensions, ≤ engram_dim)", "dimensions"),
+        ("v_rank_values_eff_L{l}", "V-rank: effective rank of the value projection W_v·LayerNorm(T[S]) (dimensions)",
+         "dimensions"),
+        ("v_rank_rows_hard_L{l}", "V-rank: hard rank of LayerNorm(T[S]), tolerance max(m, n)·eps·σ_max (dimensions)",
+         "dimensions"),
+        ("v_rank_values_hard_L{l}", "V-rank: hard rank of W_v·LayerNorm(T[S]) (dimensions)", "dimensions"),
+        ("v_rank_hard_ratio_L{l}", "V-rank: v/e = hard rank of the values / hard rank of the rows (unitless; < 1 = "
+                                   "the value projection compresses)", "unitless"),
+    ))
 
     def run(self, view: CellView) -> dict[str, float]:
         student = view.student
         gaussian = gaussian_twin(student.table, self.params.table_seed).to(student.table.device)
         per: dict[str, list[float]] = {}
-        with probing(view):
+        with measuring(view):
             for i in range(len(view.val_batches)):
-                for l, tr in traced(view, i).traces.items():
-                    values = layer_battery(tr, student.engram_injections[str(l)], student.table, gaussian, self.params)
-                    for key, v in values.items():
+                for l, tr in traced(view, i).layers.items():
+                    for key, v in layer_battery(student, l, tr, gaussian, self.params).items():
                         per.setdefault(f"{key}_L{l}", []).append(v)
         return {key: mean(vs) for key, vs in per.items()}
 
 
-def layer_battery(tr, injection, table: torch.Tensor, gaussian: torch.Tensor, params) -> dict[str, float]:
-    """W/A/X/Q/V of one layer's trace (h_in, inj [B, T, d]; indices [B, T, k]) on one batch.
+def layer_battery(student: StudentView, l: int, tr: InjectionTrace, gaussian: torch.Tensor,
+                  params) -> dict[str, float]:
+    """W/A/X/Q/V of layer l's trace (h_in, inj [B, T, d]; indices [B, T, k]) on one batch.
 
-    injection: the layer's GatedEngramInjection; table, gaussian: [N, E] own and Gaussian tables."""
+    gaussian: [N, E] Gaussian twin of the student's table [N, E]."""
+    table = student.table
     inj, h = tr.inj.flatten(0, -2), tr.h_in.flatten(0, -2)  # [B·T, d]
-    indices = tr.xattn.indices.flatten(0, -2)  # [B·T, k]
-    swapped, _ = injection(tr.h_in, gaussian)  # [B, T, d], gate included
+    indices = tr.indices.flatten(0, -2)  # [B·T, k]
+    swapped = student.inject(l, tr.h_in, gaussian).inj  # [B, T, d], gate included
     r, axis = concentration(inj)
     a_signed, a_abs = cos_stats(inj, h)
     x_signed, x_abs = cos_stats(inj, swapped.flatten(0, -2))
     i, j = distinct_pairs(inj.shape[0], params.pairs, torch.Generator().manual_seed(params.seed))
     overlap = jaccard(indices[i.to(indices.device)], indices[j.to(indices.device)])
-    rows = injection.xattn.row_norm(table[indices.unique()])  # [m, E]
+    rows, values = student.row_values(l, indices.unique())  # [m, E], [m, d]
     rows_hard, rows_eff = spectrum(rows)
-    values_hard, values_eff = spectrum(injection.xattn.W_v(rows))  # [m, d]
+    values_hard, values_eff = spectrum(values)
     return {
         "inj_concentration_R": r, "inj_axis_rms": axis,
         "inj_hidden_cos": a_signed, "inj_hidden_abs_cos": a_abs,

@@ -19,9 +19,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from ablate import hookimpl, synthetic
-from ablate.components import Corpus, Params, Progress, TokenCorpus, no_progress
-from ablate.errors import InputError
+from ablate.api import Corpus, InputError, Params, Progress, TokenCorpus, hookimpl, no_progress, synthetic
 
 # ----------------------------------------------------------------------------------- helpers
 

@@ -2,8 +2,10 @@
 
 from ablate import hookimpl
 from ablate.executors import LocalExecutor
+from ablate.ray_executor import RayExecutor  # imports Ray only when it runs
 
 
 @hookimpl
 def ablate_executors(register):
     register(LocalExecutor)
+    register(RayExecutor)

@@ -14,9 +14,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ablate import hookimpl, losses
-from ablate.components import ObjectiveBatch, ObjectiveContext, ObjectiveResult, Objective, Params
-from ablate.errors import InputError
+from ablate.api import (InputError, Objective, ObjectiveBatch, ObjectiveContext, ObjectiveResult, Params, hookimpl,
+                        losses)
 
 _MASK_NOTE = "masked per-token mean over positions with a sidecar row (p ≥ 2), denominator max(1, |M|)"
 _P_DEFS = "P_r = softmax(z_r[p]), P_t = softmax(S[row(p)]) in fp32"

@@ -1,9 +1,10 @@
 """Built-in probes (zeb139-experiment.md §7): what a trained cell, or a real/shuffled pair of
 cells, measures. Every probe reads the CellView's fixed probe batches ([B, T+1]; inputs are
-[:, :-1]) inside `probing(view)`: eval mode, fp32 with autocast off, no_grad. None installs a
-hook (traces come from the student's own `trace=True` output), so nothing is left behind.
-The rest of the η-B battery (W, A, X, Q, V of §7.5) is in ablate_builtins.battery, registered
-by the hook below.
+[:, :-1]) through the view's StudentView only (`view.student.trace(...)` runs in eval mode,
+fp32 with autocast off, no_grad, and restores the mode); the arithmetic on what it returns runs
+inside `measuring(view)` (no grad, autocast off). None installs a hook, so nothing is left
+behind. The rest of the η-B battery (W, A, X, Q, V of §7.5) is in ablate_builtins.battery,
+registered by the hook below. Like every plugin, this module imports only ablate.api.
 
 Cosines of an all-zero vector read 0 (eps-guarded), e.g. router logits while W_align = 0.
 """
@@ -17,8 +18,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from ablate import hookimpl
-from ablate.components import CellView, Probe
+from ablate.api import CellView, Metric, Probe, Trace, hookimpl
 
 ENTROPY_CLAMP = 1e-12  # P is clamped here inside the log (§7.1)
 COS_EPS = 1e-12
@@ -29,26 +29,15 @@ NOOP_RTOL = 1e-5  # retrieval-control: equal within this relative tolerance
 
 
 @contextmanager
-def probing(view: CellView) -> Iterator[None]:
-    """Eval mode, no autocast, no grad; the student's previous train/eval mode is restored."""
-    student = view.student
-    was_training = student.training
-    student.eval()
-    try:
-        with torch.no_grad(), torch.autocast(device_type=view.device.type, enabled=False):
-            yield
-    finally:
-        student.train(was_training)
+def measuring(view: CellView) -> Iterator[None]:
+    """No grad, autocast off: the arithmetic a probe does on what the view returns."""
+    with torch.no_grad(), torch.autocast(device_type=view.device.type, enabled=False):
+        yield
 
 
-def inputs_of(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A probe batch [B, T+1] → the model inputs [B, T]."""
-    return batch[:, :-1].to(device)
-
-
-def traced(view: CellView, i: int):
-    """The traced forward of probe batch i → StudentOutput. Call inside probing(view)."""
-    return view.student(inputs_of(view.val_batches[i], view.device), trace=True)
+def traced(view: CellView, i: int) -> Trace:
+    """The traced forward of probe batch i."""
+    return view.student.trace(view.inputs(i))
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -61,14 +50,6 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """−Σ P log max(P, 1e-12) over the last dim, nats. [..., V] → [...]."""
     p = logits.float().softmax(dim=-1)
     return -(p * p.clamp_min(ENTROPY_CLAMP).log()).sum(-1)
-
-
-def injection_layers(student) -> list[int]:
-    return sorted(int(k) for k in student.engram_injections)
-
-
-def router_of(student):
-    return getattr(student, "engram_skip_router", None)
 
 
 def mean(values: list[float]) -> float:
@@ -88,16 +69,30 @@ def last_val_loss(view: CellView) -> float | None:
 
 # ------------------------------------------------------------------------------ cell probes
 
+CONTENT_GAIN_CONVENTION = (
+    "content_gain = val_loss(shuffled-oracle cell) − val_loss(real-oracle cell), in nats: POSITIVE when the real "
+    "oracle content lowers the loss. The reference's Δ-diff is the opposite sign (real − shuffled); convert before "
+    "comparing with upstream numbers.")
+W_ALIGN_DRIFT_CONVENTION = (
+    "w_align_drift = ‖W_align − W_align(init)‖_F / √(d/3), W_align(init) = 0. The reference's '> 2× init' is "
+    "undefined for a zero init (its §10.2), so the unit is the init W_align would have had as a default "
+    "nn.Linear(d, d): entries U(−1/√d, 1/√d), variance 1/(3d), so E‖W‖_F² = d/3 and ‖W‖_F ≈ √(d/3) (13.0639 at "
+    "d = 512). The zeb136/138/139 threshold 0.3 (‖W_align‖_F > 3.9192 at d = 512) is about 2× the drift of the "
+    "CE-only router (ZEB-136: ‖W_align‖_F 1.9108 → 0.1463): '2× init' read as '2× the CE attractor's own drift', "
+    "the comparison the reference's findings made; ZEB-139's 1.3461 and 0.5786 read 0.1030 and 0.0443 (HOLD, as "
+    "recorded upstream).")
+
 
 class FinalLoss(Probe):
     name = "final-loss"
     scope = "cell"
     description = "Validation loss of the cell: the last evaluation, and step 0 when it was evaluated."
-    metrics = {
-        "val_loss": "last validation cross-entropy of the cell, nats per token",
-        "val_loss_step0": "validation cross-entropy at step 0 (gates closed, router zero) on the windows of the "
-                          "final evaluation, nats per token",
-    }
+    metrics = (
+        Metric("val_loss", "last validation cross-entropy of the cell, nats per token", "nats per token",
+               "validation loss"),
+        Metric("val_loss_step0", "validation cross-entropy at step 0 (gates closed, router zero) on the windows of "
+                                 "the final evaluation, nats per token", "nats per token", "validation loss"),
+    )
 
     def run(self, view: CellView) -> dict[str, float]:
         out = {}
@@ -113,50 +108,60 @@ class Gates(Probe):
     name = "gates"
     scope = "cell"
     description = "tanh of each injection's gate scalar."
-    metrics = {"gate_L{l}": "tanh(a) of the engram injection after layer l (signed, unitless, in [−1, 1])"}
+    metrics = (Metric("gate_L{l}", "tanh(a) of the engram injection after layer l (signed, unitless, in [−1, 1])",
+                      "unitless", "gates"),)
 
     def run(self, view: CellView) -> dict[str, float]:
-        inj = view.student.engram_injections
-        return {f"gate_L{l}": math.tanh(inj[str(l)].gate.item()) for l in injection_layers(view.student)}
+        return {f"gate_L{l}": view.student.gate(l) for l in view.student.injection_layers}
+
+
+FINGERPRINT = "router fingerprint"
 
 
 class RouterFingerprint(Probe):
     name = "router-fingerprint"
     scope = "cell"
     description = "The skip-to-logit router's scale, weight size and output distribution (§7.1)."
-    metrics = {
-        "log_alpha": "the router's log scale log_alpha (nats)",
-        "alpha": "α = exp(log_alpha), the router's logit scale (unitless; a logit multiplier, not a mixture weight)",
-        "w_align_norm": "‖W_align‖_F, Frobenius norm of the router's d×d alignment matrix (unitless)",
-        "w_align_drift": "‖W_align − W_align_init‖_F / √(d/3) with W_align_init = 0: the drift in units of the "
-                         "Frobenius norm of a default-initialised d×d nn.Linear (U(−1/√d, 1/√d), E‖W‖_F² = d/3; "
-                         "13.0639 at d = 512), so 1.0 = moved as far as a fresh layer is large; the reference "
-                         "specs' threshold 0.3 ≈ 2× the CE-only router's drift (unitless)",
-        "engram_logit_entropy": "mean over positions of −Σ_v P_r log P_r, P_r = softmax(z_r), P clamped at 1e-12 "
-                                "inside the log (nats; uniform = ln V)",
-        "max_lm_head_row_cos": "mean over positions of max_v |cos(W_align e, E_v)| over the LM-head rows E_v "
-                               "(unitless, in [0, 1])",
-        "teacher_match_cos": "mean over valid positions (p ≥ 2) of cos(P_router, P_teacher), probability vectors, "
-                             "P_teacher = softmax(sidecar row) (unitless, in [0, 1])",
-        "log_vocab": "ln V, the entropy of a uniform distribution over the vocabulary (nats)",
-    }
+    metrics = (
+        Metric("log_alpha", "the router's log scale log_alpha (nats)", "nats", FINGERPRINT),
+        Metric("alpha", "α = exp(log_alpha), the router's logit scale (unitless; a logit multiplier, not a mixture "
+                        "weight)", "unitless", FINGERPRINT,
+               convention="α = exp(log_alpha), the router's logit scale (added in logit space, not a probability "
+                          "mixture)."),
+        Metric("w_align_norm", "‖W_align‖_F, Frobenius norm of the router's d×d alignment matrix (unitless)",
+               "unitless", FINGERPRINT),
+        Metric("w_align_drift", "‖W_align − W_align_init‖_F / √(d/3) with W_align_init = 0: the drift in units of "
+                                "the Frobenius norm of a default-initialised d×d nn.Linear (U(−1/√d, 1/√d), "
+                                "E‖W‖_F² = d/3; 13.0639 at d = 512), so 1.0 = moved as far as a fresh layer is "
+                                "large; the reference specs' threshold 0.3 ≈ 2× the CE-only router's drift "
+                                "(unitless)", "unitless", FINGERPRINT, convention=W_ALIGN_DRIFT_CONVENTION),
+        Metric("engram_logit_entropy", "mean over positions of −Σ_v P_r log P_r, P_r = softmax(z_r), P clamped at "
+                                       "1e-12 inside the log (nats; uniform = ln V)", "nats", FINGERPRINT),
+        Metric("max_lm_head_row_cos", "mean over positions of max_v |cos(W_align e, E_v)| over the LM-head rows E_v "
+                                      "(unitless, in [0, 1])", "unitless", FINGERPRINT),
+        Metric("teacher_match_cos", "mean over valid positions (p ≥ 2) of cos(P_router, P_teacher), probability "
+                                    "vectors, P_teacher = softmax(sidecar row) (unitless, in [0, 1])", "unitless",
+               FINGERPRINT),
+        Metric("log_vocab", "ln V, the entropy of a uniform distribution over the vocabulary (nats)", "nats",
+               FINGERPRINT),
+    )
 
     def run(self, view: CellView) -> dict[str, float]:
-        router = router_of(view.student)
+        router = view.student.router
         if router is None:
             return {}
-        W = router.W_align.weight.detach().float()
-        E = view.student.backbone.lm_head_weight.detach().float()
+        W = router.W_align.float()
+        E = view.student.lm_head_weight.float()
         out = {
-            "log_alpha": router.log_alpha.item(),
-            "alpha": router.alpha.item(),
+            "log_alpha": router.log_alpha,
+            "alpha": router.alpha,
             "w_align_norm": float(W.norm()),
             "w_align_drift": w_align_drift(W),
             "log_vocab": math.log(E.shape[0]),
         }
         E_unit = F.normalize(E, dim=-1, eps=COS_EPS)
         ent, row_cos, match = [], [], []
-        with probing(view):
+        with measuring(view):
             for i in range(len(view.val_batches)):
                 res = traced(view, i)
                 z = res.router_logits.float()
@@ -181,11 +186,14 @@ class KLTrajectory(Probe):
     name = "kl-trajectory"
     scope = "cell"
     description = "The logged training KL at its first and last logged step."
-    metrics = {
-        "kl_first": "training-batch KL term at the first logged step (nats per token)",
-        "kl_last": "training-batch KL term at the last logged step (nats per token)",
-        "kl_change": "kl_last − kl_first (nats per token; negative = the KL fell)",
-    }
+    metrics = (
+        Metric("kl_first", "training-batch KL term at the first logged step (nats per token)", "nats per token",
+               "training KL"),
+        Metric("kl_last", "training-batch KL term at the last logged step (nats per token)", "nats per token",
+               "training KL"),
+        Metric("kl_change", "kl_last − kl_first (nats per token; negative = the KL fell)", "nats per token",
+               "training KL"),
+    )
 
     def run(self, view: CellView) -> dict[str, float]:
         kl = [float(row["kl"]) for row in view.history if "kl" in row]
@@ -194,45 +202,51 @@ class KLTrajectory(Probe):
         return {"kl_first": kl[0], "kl_last": kl[-1], "kl_change": kl[-1] - kl[0]}
 
 
+RETRIEVAL = "retrieval battery"
+
+
 class RetrievalBattery(Probe):
     name = "retrieval-battery"
     scope = "cell"
     description = "Per injection layer: retrieval diversity, peakedness, attention entropy, injection size (§7.5 D/P/E/M)."
-    metrics = {
-        "retrieval_unique_rows_L{l}": "D: number of distinct table rows among the B·T·k retrieved slots of a batch, "
-                                      "averaged over batches (rows)",
-        "retrieval_unique_frac_L{l}": "distinct table rows among the B·T·k retrieved slots of a batch, as a fraction "
-                                      "of B·T·k, averaged over batches (unitless)",
-        "retrieval_top1_L{l}": "mean cosine similarity of the best retrieved row (unitless)",
-        "retrieval_topk_L{l}": "mean cosine similarity of the k-th retrieved row (unitless)",
-        "retrieval_gap_L{l}": "retrieval_top1 − retrieval_topk (unitless)",
-        "attn_entropy_L{l}": "mean over tokens and heads of the k-way attention entropy divided by ln k "
-                             "(unitless, 1 = uniform)",
-        "inj_ratio_L{l}": "mean over tokens of ‖injection‖/‖hidden state it is added to‖ (unitless)",
-    }
+    metrics = (
+        Metric("retrieval_unique_rows_L{l}", "D: number of distinct table rows among the B·T·k retrieved slots of a "
+                                             "batch, averaged over batches (rows)", "rows", RETRIEVAL),
+        Metric("retrieval_unique_frac_L{l}", "distinct table rows among the B·T·k retrieved slots of a batch, as a "
+                                             "fraction of B·T·k, averaged over batches (unitless)", "unitless",
+               RETRIEVAL),
+        Metric("retrieval_top1_L{l}", "mean cosine similarity of the best retrieved row (unitless)", "unitless",
+               RETRIEVAL),
+        Metric("retrieval_topk_L{l}", "mean cosine similarity of the k-th retrieved row (unitless)", "unitless",
+               RETRIEVAL),
+        Metric("retrieval_gap_L{l}", "retrieval_top1 − retrieval_topk (unitless)", "unitless", RETRIEVAL),
+        Metric("attn_entropy_L{l}", "mean over tokens and heads of the k-way attention entropy divided by ln k "
+                                    "(unitless, 1 = uniform)", "unitless", RETRIEVAL),
+        Metric("inj_ratio_L{l}", "mean over tokens of ‖injection‖/‖hidden state it is added to‖ (unitless)",
+               "unitless", RETRIEVAL),
+    )
 
     def run(self, view: CellView) -> dict[str, float]:
         per: dict[str, list[float]] = {}
-        with probing(view):
+        with measuring(view):
             for i in range(len(view.val_batches)):
-                for l, tr in traced(view, i).traces.items():
+                for l, tr in traced(view, i).layers.items():
                     for key, v in battery(l, tr).items():
                         per.setdefault(key, []).append(v)
         return {key: mean(vs) for key, vs in per.items()}
 
 
 def battery(l: int, tr) -> dict[str, float]:
-    """D/P/E/M of one layer's trace (indices, sims [B, T, k]; attn [B, T, H, k]; inj, h_in [B, T, d])."""
-    x = tr.xattn
-    k = x.indices.shape[-1]
-    sims, attn = x.sims.float(), x.attn.float()
+    """D/P/E/M of one layer's InjectionTrace (indices, sims [B, T, k]; attn [B, T, H, k]; inj, h_in [B, T, d])."""
+    k = tr.indices.shape[-1]
+    sims, attn = tr.sims.float(), tr.attn.float()
     top1, topk = sims.amax(-1).mean(), sims.amin(-1).mean()
     attn_entropy = -torch.special.xlogy(attn, attn).sum(-1) / math.log(k)
     ratio = tr.inj.float().norm(dim=-1) / tr.h_in.float().norm(dim=-1).clamp_min(COS_EPS)
-    unique = x.indices.unique().numel()
+    unique = tr.indices.unique().numel()
     return {
         f"retrieval_unique_rows_L{l}": float(unique),
-        f"retrieval_unique_frac_L{l}": unique / x.indices.numel(),
+        f"retrieval_unique_frac_L{l}": unique / tr.indices.numel(),
         f"retrieval_top1_L{l}": float(top1),
         f"retrieval_topk_L{l}": float(topk),
         f"retrieval_gap_L{l}": float(top1 - topk),
@@ -248,10 +262,12 @@ class ContentGain(Probe):
     name = "content-gain"
     scope = "pair"
     description = "Final validation loss of the shuffled cell minus that of the real cell."
-    metrics = {
-        "content_gain": "val_loss(shuffled) − val_loss(real), nats per token: POSITIVE when real oracle content "
-                        "lowers the loss; the reference's Δ-diff (real − shuffled) has the OPPOSITE sign",
-    }
+    metrics = (
+        Metric("content_gain", "val_loss(shuffled) − val_loss(real), nats per token: POSITIVE when real oracle "
+                               "content lowers the loss; the reference's Δ-diff (real − shuffled) has the OPPOSITE "
+                               "sign", "nats per token", "validation loss", role="gain_over_control",
+               convention=CONTENT_GAIN_CONVENTION),
+    )
 
     def run(self, real: CellView, shuffled: CellView) -> dict[str, float]:
         a, b = last_val_loss(real), last_val_loss(shuffled)
@@ -264,26 +280,31 @@ class CrossRun(Probe):
     name = "cross-run"
     scope = "pair"
     description = "How alike the real and shuffled cells' router logits and injections are on the same tokens."
-    metrics = {
-        "cross_run_cos": "mean over positions of cos(z_r real, z_r shuffled) of the raw router logits (not "
-                         "probabilities, not centred), averaged over batches (unitless, in [−1, 1])",
-        "cross_run_inj_cos_L{l}": "C: mean signed cosine between the two cells' injections after layer l at matched "
-                                  "tokens (unitless, in [−1, 1])",
-        "cross_run_inj_abs_cos_L{l}": "C |abs|: mean absolute cosine between the two cells' injections after layer l "
-                                      "at matched tokens (unitless, in [0, 1])",
-    }
+    metrics = (
+        Metric("cross_run_cos", "mean over positions of cos(z_r real, z_r shuffled) of the raw router logits (not "
+                                "probabilities, not centred), averaged over batches (unitless, in [−1, 1])",
+               "unitless", "cross-run",
+               convention="cross_run_cos = mean over positions of cos(z_r(real), z_r(shuffled)) on the raw router "
+                          "logits (not probabilities, not centred), same validation tokens for both cells."),
+        Metric("cross_run_inj_cos_L{l}", "C: mean signed cosine between the two cells' injections after layer l at "
+                                         "matched tokens (unitless, in [−1, 1])", "unitless", "cross-run"),
+        Metric("cross_run_inj_abs_cos_L{l}", "C |abs|: mean absolute cosine between the two cells' injections after "
+                                             "layer l at matched tokens (unitless, in [0, 1])", "unitless",
+               "cross-run"),
+    )
 
     def run(self, real: CellView, shuffled: CellView) -> dict[str, float]:
-        both_routed = router_of(real.student) is not None and router_of(shuffled.student) is not None
-        layers = set(injection_layers(real.student)) & set(injection_layers(shuffled.student))
+        a, b = real.student, shuffled.student
+        both_routed = a.router is not None and b.router is not None
+        layers = set(a.injection_layers) & set(b.injection_layers)
         per: dict[str, list[float]] = {}
-        with probing(real), probing(shuffled):
+        with measuring(real), measuring(shuffled):
             for i in range(len(real.val_batches)):
                 ra, rb = traced(real, i), traced(shuffled, i)
                 if both_routed:
                     per.setdefault("cross_run_cos", []).append(float(cosine(ra.router_logits, rb.router_logits).mean()))
                 for l in sorted(layers):
-                    c = cosine(ra.traces[l].inj, rb.traces[l].inj)
+                    c = cosine(ra.layers[l].inj, rb.layers[l].inj)
                     per.setdefault(f"cross_run_inj_cos_L{l}", []).append(float(c.mean()))
                     per.setdefault(f"cross_run_inj_abs_cos_L{l}", []).append(float(c.abs().mean()))
         return {key: mean(vs) for key, vs in per.items()}
@@ -294,25 +315,27 @@ class RetrievalControl(Probe):
     scope = "pair"
     description = ("Is the control oracle a no-op for retrieval? The real cell's cross-attention, on its own "
                    "captured hidden states, against its table and against the control cell's table.")
-    metrics = {
-        "retrieval_control_max_diff_L{l}": "max |out_real − out_control| of the real cell's pre-gate cross-attention "
-                                           "output after layer l, same hidden states, real vs control table "
-                                           "(activation units; the gate scales both alike and is left out)",
-        "retrieval_control_noop_L{l}": "1.0 when those outputs are equal within 1e-5 relative (a row permutation "
-                                       "under dense cosine top-k retrieves the same content, §2.9), else 0.0",
-    }
+    metrics = (
+        Metric("retrieval_control_max_diff_L{l}", "max |out_real − out_control| of the real cell's pre-gate "
+                                                  "cross-attention output after layer l, same hidden states, real vs "
+                                                  "control table (activation units; the gate scales both alike and "
+                                                  "is left out)", "activation units", "retrieval control",
+               role="retrieval_diff"),
+        Metric("retrieval_control_noop_L{l}", "1.0 when those outputs are equal within 1e-5 relative (a row "
+                                              "permutation under dense cosine top-k retrieves the same content, "
+                                              "§2.9), else 0.0", "flag (1.0 or 0.0)", "retrieval control",
+               role="retrieval_noop"),
+    )
 
     def run(self, real: CellView, shuffled: CellView) -> dict[str, float]:
-        control_table = shuffled.student.table.to(real.device)
-        injections = real.student.engram_injections
+        student, control_table = real.student, shuffled.student.table
         diff: dict[int, float] = {}
         scale: dict[int, float] = {}
-        with probing(real):
+        with measuring(real):
             for i in range(len(real.val_batches)):
-                for l, tr in traced(real, i).traces.items():
-                    xattn = injections[str(l)].xattn
-                    a = xattn(tr.h_in, real.student.table).out.float()
-                    b = xattn(tr.h_in, control_table).out.float()
+                for l, tr in traced(real, i).layers.items():
+                    a = student.inject(l, tr.h_in, student.table).out.float()
+                    b = student.inject(l, tr.h_in, control_table).out.float()
                     diff[l] = max(diff.get(l, 0.0), float((a - b).abs().max()))
                     scale[l] = max(scale.get(l, 0.0), float(a.abs().max()))
         out = {}

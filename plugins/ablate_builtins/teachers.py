@@ -21,10 +21,9 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import Field, model_validator
 
-from ablate import hookimpl
-from ablate.components import LoadedTeacher, Params, Teacher, TeacherContext
-from ablate.errors import InputError
-from ablate.lm_pretrain import evaluate, pretrain_lm, validation_windows
+from ablate.api import (BACKBONE_CONFIG_KEY, Backbone, BackboneConfig, InputError, LoadedTeacher, Params, Teacher,
+                        TeacherContext, evaluate, hookimpl, load_backbone, pretrain_lm, save_backbone,
+                        validation_windows)
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -389,16 +388,11 @@ class SameArchTeacher(Teacher):
                    "teacher stage or loaded from a save_backbone checkpoint.")
 
     def config(self, vocab_size: int):
-        from ablate.model.backbone import BackboneConfig
-
         return BackboneConfig(vocab_size=vocab_size, **self.params.overrides())
 
     def checkpoint_config(self):
         """The BackboneConfig stored in `checkpoint` (metadata only; no tensors are read)."""
         from safetensors import safe_open
-
-        from ablate.model.backbone import BackboneConfig
-        from ablate.model.checkpoint import CONFIG_KEY
 
         path = self.params.checkpoint.expanduser()
         if not path.is_file():
@@ -410,10 +404,10 @@ class SameArchTeacher(Teacher):
         except Exception as exc:
             raise InputError(f"same-arch teacher checkpoint {path} is not a readable safetensors file ({exc}). "
                              f"Re-create it or point [teacher] checkpoint at an intact file.") from exc
-        if CONFIG_KEY not in metadata:
+        if BACKBONE_CONFIG_KEY not in metadata:
             raise InputError(f"same-arch teacher checkpoint {path} stores no backbone config, so its "
                              f"architecture is unknown. Re-save it with ablate's save_backbone.")
-        return BackboneConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        return BackboneConfig.from_dict(json.loads(metadata[BACKBONE_CONFIG_KEY]))
 
     def tokenizer(self) -> str | None:
         return "corpus" if self.params.checkpoint is None else None  # a checkpoint's tokenizer is unknown
@@ -435,9 +429,6 @@ class SameArchTeacher(Teacher):
         return ctx.workdir / "backbone.safetensors"
 
     def prepare(self, ctx: TeacherContext) -> dict[str, Any]:
-        from ablate.model.backbone import Backbone
-        from ablate.model.checkpoint import load_backbone, save_backbone
-
         p = self.params
         seed = ctx.seed if p.seed is None else p.seed
         if p.checkpoint is not None:
@@ -459,8 +450,6 @@ class SameArchTeacher(Teacher):
                 "parameters": n_params, "source": "trained"}
 
     def load(self, ctx: TeacherContext) -> LoadedTeacher:
-        from ablate.model.checkpoint import load_backbone
-
         backbone = load_backbone(self._weights(ctx)).to(ctx.device).eval()
         config = backbone.config
         layer_index = resolve_layer(self.params.layer, config.num_layers,

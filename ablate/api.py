@@ -1,0 +1,37 @@
+"""The plugin surface: everything a corpus, teacher, objective or probe plugin may import from
+ablate. The built-in plugins (plugins/ablate_builtins) import nothing else from ablate; a
+third-party plugin that does the same keeps working across ablate's internal refactors.
+
+    from ablate.api import CellView, Metric, Probe, hookimpl
+"""
+
+from ablate import losses, synthetic
+from ablate.components import (METRIC_ROLES, CellView, Component, Corpus, InjectionTrace, LoadedTeacher, Metric,
+                               MetricTable, NoParams, Objective, ObjectiveBatch, ObjectiveContext, ObjectiveResult,
+                               Params, Probe, Progress, RouterState, StudentView, Teacher, TeacherContext,
+                               TokenCorpus, Trace, no_progress)
+from ablate.errors import AblateError, InputError, SpecError
+from ablate.hookspecs import hookimpl
+from ablate.lm_pretrain import evaluate, pretrain_lm, validation_windows
+from ablate.losses import cross_entropy, jsd_rows, kl_rows, masked_mean
+from ablate.model.backbone import Backbone, BackboneConfig
+from ablate.model.checkpoint import CONFIG_KEY as BACKBONE_CONFIG_KEY
+from ablate.model.checkpoint import load_backbone, save_backbone
+from ablate.oracle import gaussian_twin
+
+__all__ = [
+    # registration and parameters
+    "hookimpl", "Params", "NoParams", "Component", "Progress", "no_progress",
+    # corpora and teachers
+    "Corpus", "TokenCorpus", "Teacher", "LoadedTeacher", "TeacherContext", "synthetic",
+    "Backbone", "BackboneConfig", "BACKBONE_CONFIG_KEY", "load_backbone", "save_backbone",
+    "pretrain_lm", "evaluate", "validation_windows",
+    # objectives
+    "Objective", "ObjectiveBatch", "ObjectiveResult", "ObjectiveContext",
+    "losses", "cross_entropy", "kl_rows", "jsd_rows", "masked_mean",
+    # probes
+    "Probe", "CellView", "StudentView", "Trace", "InjectionTrace", "RouterState", "Metric", "MetricTable",
+    "METRIC_ROLES", "gaussian_twin",
+    # errors
+    "AblateError", "InputError", "SpecError",
+]
