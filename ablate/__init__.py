@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from ablate.hookspecs import hookimpl  # noqa: E402  (the decorator plugins use)
+from ablate.api.hookspecs import hookimpl  # noqa: E402  (the decorator plugins use)
 
 __all__ = ["hookimpl", "__version__"]

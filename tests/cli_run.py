@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ablate import cli
+from ablate.cli import main as cli
 
 
 def ablate_in(cwd: Path, monkeypatch, *args: str) -> int:

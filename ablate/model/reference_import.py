@@ -319,8 +319,8 @@ def convert_command(args, console) -> int:
     """`ablate convert-checkpoint SRC DST [--spec SPEC ...]`."""
     expected = None
     if args.spec:
-        from ablate.plugins import load_registry
-        from ablate.spec import load_spec
+        from ablate.api.plugins import load_registry
+        from ablate.config.spec import load_spec
 
         spec = load_spec(args.spec, args.overrides, args.profile, load_registry(args.plugins))
         expected = spec.backbone.architecture()

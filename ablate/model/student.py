@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ablate import fastpath
-from ablate.components import InjectionTrace, RouterState, Trace
+from ablate.training import fastpath
+from ablate.api.components import InjectionTrace, RouterState, Trace
 from ablate.errors import InputError
 from ablate.model.backbone import Backbone
 from ablate.model.engram import EngramCrossAttention, GatedEngramInjection, XAttnOut
@@ -131,7 +131,7 @@ class Student(nn.Module):
 
     def compile_hot_paths(self) -> None:
         """Run the forward pass (trace=False) as one torch.compile'd graph, replayed as a CUDA
-        graph (ablate.fastpath.compile_fn); parameters, state_dict and outputs are unchanged.
+        graph (ablate.training.fastpath.compile_fn); parameters, state_dict and outputs are unchanged.
         The retrieval top-k and the V-contrast permutation run inside it as the same aten ops.
         Outputs of one call are valid until the next `fastpath.step_begin()`. The compiled
         function is shared by all students (same graphs, parameters as inputs)."""
@@ -190,7 +190,7 @@ class Student(nn.Module):
         return StudentOutput(logits=logits, router_logits=router_logits, vc=vc, qd=qd,
                              gates=gates, traces=traces, e=e, aligned=aligned)
 
-    # ------------------------------------------------- the StudentView protocol (ablate.components)
+    # ------------------------------------------------- the StudentView protocol (ablate.api.components)
 
     @contextmanager
     def _probing(self) -> Iterator[None]:

@@ -1,6 +1,6 @@
 """The rest of the η-B capgap battery (zeb139-experiment.md §7.5): W, A, X, Q and V per injection
 layer. D/P/E/M are probes.RetrievalBattery and C is probes.CrossRun; the rubric that reads them
-all is ablate.verdict.BATTERY_RUBRIC.
+all is ablate.verdicts.verdict.BATTERY_RUBRIC.
 
 Every statistic is computed on one probe batch (N = B·T tokens) and averaged over the batches,
 as D/P/E/M are. The hidden state h_in [B, T, d] each injection reads and its injection

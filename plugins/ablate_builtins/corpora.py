@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from ablate.api import Corpus, InputError, Params, Progress, TokenCorpus, hookimpl, no_progress, synthetic
+from ablate.api import Corpus, InputError, Params, Progress, TokenCorpus, hookimpl, no_progress
+from ablate_builtins import synthetic
 
 # ----------------------------------------------------------------------------------- helpers
 
@@ -105,7 +106,7 @@ class SyntheticCorpus(Corpus):
     name = "synthetic"
     Params = SyntheticParams
     description = ("Embedded seeded token stream (no download): Zipf background plus planted "
-                   "bigram-context rules; see ablate.synthetic for the exact generator.")
+                   "bigram-context rules; see ablate_builtins.synthetic for the exact generator.")
 
     def spec(self) -> synthetic.SyntheticSpec:
         p = self.params

@@ -268,11 +268,11 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_backbone_stage_imports_a_reference_checkpoint_once(ct87, tmp_path):
-    from ablate import stages
-    from ablate.components import TokenCorpus
-    from ablate.plugins import load_registry
-    from ablate.spec import load_spec
-    from ablate.ui import QuietUI
+    from ablate.pipeline import stages
+    from ablate.api.components import TokenCorpus
+    from ablate.api.plugins import load_registry
+    from ablate.config.spec import load_spec
+    from ablate.pipeline.ui import QuietUI
 
     demo = Path(__file__).resolve().parents[2] / "specs" / "demo.toml"
     spec = load_spec(demo, ['backbone.source="checkpoint"', f'backbone.checkpoint="{tmp_path / "checkpoint.pt"}"'],
@@ -307,11 +307,12 @@ def test_backbone_stage_imports_a_reference_checkpoint_once(ct87, tmp_path):
 def test_init_adapters_starts_the_cells_from_the_checkpoints_adapters(ct87, tmp_path):
     """With [backbone] init_adapters = true every injection and router parameter of a cell starts
     from the reference checkpoint's tensors (§11.2 names); without it the adapters start fresh."""
-    from ablate import cells, stages
-    from ablate.components import TokenCorpus
-    from ablate.plugins import load_registry
-    from ablate.spec import load_spec
-    from ablate.ui import QuietUI
+    from ablate.training import cells
+    from ablate.pipeline import stages
+    from ablate.api.components import TokenCorpus
+    from ablate.api.plugins import load_registry
+    from ablate.config.spec import load_spec
+    from ablate.pipeline.ui import QuietUI
 
     demo = Path(__file__).resolve().parents[2] / "specs" / "demo.toml"
     src = [f'backbone.source="checkpoint"', f'backbone.checkpoint="{tmp_path / "checkpoint.pt"}"']

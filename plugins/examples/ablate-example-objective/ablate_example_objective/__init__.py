@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from ablate import hookimpl
-from ablate.components import Objective, ObjectiveBatch, ObjectiveResult, Params
+from ablate.api import Objective, ObjectiveBatch, ObjectiveResult, Params
 
 
 class SmoothedCEParams(Params):

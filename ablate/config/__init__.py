@@ -1,0 +1,1 @@
+"""The experiment spec: its pydantic models, loader and override expressions."""

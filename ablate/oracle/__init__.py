@@ -1,0 +1,1 @@
+"""The oracle: teacher pass, PCA, sidecar, its files, n-gram hashing and tokenizer identity."""

@@ -1,0 +1,1 @@
+"""Running an experiment: engine, stages, cell jobs, executors, probes, planning, failures, store."""

@@ -1,0 +1,1 @@
+"""The markdown findings report, its plots, provenance and the rows sweep."""

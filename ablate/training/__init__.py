@@ -1,0 +1,1 @@
+"""Training a cell: the loop, cell configs, optimiser, losses, fast paths, pretraining, compilation, bench."""

@@ -1,0 +1,234 @@
+"""Per-token losses between router logits and sidecar teacher rows, chunked over positions.
+
+Shapes: z_r [B, T, V] router logits (any float dtype), sidecar [N, V] teacher logits per row,
+rows [B, T] int64 (sidecar row per position, −1 = masked), weights [B, T] (optional).
+
+All maths runs in float32 whatever the input dtype, one chunk of positions at a time: each
+chunk gathers its own sidecar rows and upcasts only [chunk, V], so no float32 [B, T, V] copy
+ever exists. When z_r needs a gradient, the forward pass writes the analytic gradient of each
+chunk straight into a tensor of z_r's dtype (one pass over the logits instead of a forward
+and a recomputing backward); autograd keeps that tensor instead of z_r, and the backward pass
+only multiplies it by the upstream gradient, in place. On CUDA each chunk runs as one
+compiled graph (ablate.training.fastpath). Gradients flow to z_r only; the sidecar, rows and weights
+are data.
+
+Divergences return (Σ_p w_p·D_p, Σ_p w_p) over unmasked positions; `masked_mean` divides.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ablate.training import fastpath
+from ablate.errors import InputError
+
+Direction = Literal["forward", "reverse"]
+_LN2 = math.log(2.0)
+
+
+# ------------------------------------------------------------ per-chunk divergences, [c, V]
+
+
+def _forward_kl(log_r: torch.Tensor, log_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(P_r‖P_t) per row [c] and its gradient w.r.t. the router's scaled logits [c, V]."""
+    p_r = log_r.exp()
+    diff = log_r - log_t
+    kl = (p_r * diff).sum(-1)
+    return kl, p_r * (diff - kl[:, None])
+
+
+def _reverse_kl(log_r: torch.Tensor, log_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(P_t‖P_r) per row [c] and its gradient w.r.t. the router's scaled logits [c, V]."""
+    p_t = log_t.exp()
+    kl = (p_t * (log_t - log_r)).sum(-1)
+    return kl, log_r.exp() - p_t
+
+
+def _jsd(log_r: torch.Tensor, log_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """½KL(P_r‖M) + ½KL(P_t‖M), M = ½(P_r + P_t), per row [c] and its gradient [c, V]."""
+    p_r, p_t = log_r.exp(), log_t.exp()
+    log_m = torch.logaddexp(log_r, log_t) - _LN2
+    half_r = 0.5 * (log_r - log_m)  # ∂JSD/∂P_r
+    term_r = (p_r * half_r).sum(-1)
+    jsd = term_r + 0.5 * (p_t * (log_t - log_m)).sum(-1)
+    return jsd, p_r * (half_r - term_r[:, None])
+
+
+_DIVERGENCES: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    "forward": _forward_kl,
+    "reverse": _reverse_kl,
+    "jsd": _jsd,
+}
+
+
+def _divergence_chunk(z: torch.Tensor, sidecar: torch.Tensor, rows: torch.Tensor,
+                      weights: torch.Tensor, kind: str, temperature: float,
+                      grad_out: torch.Tensor | None) -> torch.Tensor:
+    """One chunk: z [c, V] (any float dtype), rows [c], weights [c] float32 → D per row [c]
+    float32; with grad_out [c, V] (z's dtype) given, w·∂D/∂z is written into it.
+
+    Runs as one compiled graph on CUDA (see ablate.training.fastpath): the sidecar gather, both log
+    softmaxes and the gradient fuse and the gradient is stored straight into grad_out, so no
+    float32 [c, V] intermediate reaches memory there.
+    """
+    log_r = torch.log_softmax(z.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(sidecar[rows.clamp(min=0)].float() / temperature, dim=-1)
+    div, grad = _DIVERGENCES[kind](log_r, log_t)
+    if grad_out is not None:
+        grad_out.copy_(grad * (weights / temperature)[:, None])
+    return div
+
+
+def _scale(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """grad *= factor in place; factor is a 0-d tensor on grad's device (never read by the
+    host). Compiled on CUDA: a vectorised pass, where eager bf16 × float32-tensor is not."""
+    grad.mul_(factor)
+
+
+_divergence_chunk_fast = fastpath.dispatch_compiled(_divergence_chunk)
+_scale_fast = fastpath.dispatch_compiled(_scale)
+
+
+class _RowDivergence(torch.autograd.Function):
+    """Σ_p w_p·D(softmax(z_p/T), softmax(S[row_p]/T)) with z [P, V], rows [P], w [P] float32.
+
+    The gradient is computed in the same pass as the value (when z needs one) and kept in z's
+    dtype; backward only scales it by the upstream gradient, in place. z itself is not saved.
+    """
+
+    @staticmethod
+    def forward(ctx, z, sidecar, rows, weights, kind: str, temperature: float, chunk: int):
+        with_grad = ctx.needs_input_grad[0]
+        grad_z = torch.empty_like(z) if with_grad else None
+        total = torch.zeros((), dtype=torch.float64, device=z.device)
+        with torch.autocast(z.device.type, enabled=False):
+            for start in range(0, z.shape[0], chunk):
+                part = slice(start, start + chunk)
+                div = _divergence_chunk_fast(z[part], sidecar, rows[part], weights[part], kind,
+                                             temperature, grad_z[part] if with_grad else None)
+                total += (div * weights[part]).sum(dtype=torch.float64)
+        ctx.save_for_backward(grad_z)
+        return total.float()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        (grad_z,) = ctx.saved_tensors
+        _scale_fast(grad_z, grad_total)
+        return grad_z, None, None, None, None, None, None
+
+
+def _row_divergence(z_r, sidecar, rows, weights, kind: str, temperature: float, chunk: int):
+    """Validate shapes, flatten positions, fold the row mask into the weights, then apply."""
+    if z_r.dim() != 3 or rows.shape != z_r.shape[:2]:
+        raise InputError(f"Router logits must be [B, T, V] with teacher rows [B, T]; got "
+                         f"{tuple(z_r.shape)} and {tuple(rows.shape)}. Pass matching tensors.")
+    if sidecar.dim() != 2 or sidecar.shape[1] != z_r.shape[2]:
+        raise InputError(f"The sidecar must be [N, V] with the router's vocabulary V = "
+                         f"{z_r.shape[2]}; got {tuple(sidecar.shape)}. Rebuild the sidecar with "
+                         f"the student's tokenizer.")
+    if weights is not None and weights.shape != rows.shape:
+        raise InputError(f"Position weights must be [B, T] = {tuple(rows.shape)}; got "
+                         f"{tuple(weights.shape)}.")
+    if not temperature > 0:
+        raise InputError(f"The softmax temperature must be > 0; got {temperature}.")
+    if chunk < 1:
+        raise InputError(f"The position chunk size must be ≥ 1; got {chunk}.")
+    flat_rows = rows.reshape(-1)
+    valid = (flat_rows >= 0).float()
+    w = valid if weights is None else weights.reshape(-1).float() * valid
+    total = _RowDivergence.apply(z_r.reshape(-1, z_r.shape[-1]), sidecar.detach(), flat_rows,
+                                 w.detach(), kind, float(temperature), int(chunk))
+    return total, w.sum(dtype=torch.float64).float()
+
+
+# --------------------------------------------------------------------------------- public API
+
+
+def kl_rows(z_r: torch.Tensor, sidecar: torch.Tensor, rows: torch.Tensor,
+            weights: torch.Tensor | None = None, direction: Direction = "forward",
+            temperature: float = 1.0, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL between P_r = softmax(z_r/T) [B, T, V] and P_t = softmax(S[rows]/T) per position.
+
+    forward: KL(P_r‖P_t) = Σ_v P_r (log P_r − log P_t); reverse: KL(P_t‖P_r).
+    Returns (Σ_p w_p·KL_p, Σ_p w_p) as float32 scalars over positions with rows ≥ 0
+    (w_p = 1 when weights is None). Only the first carries a gradient, to z_r.
+    """
+    if direction not in ("forward", "reverse"):
+        raise InputError(f"KL direction must be 'forward' or 'reverse'; got {direction!r}.")
+    return _row_divergence(z_r, sidecar, rows, weights, direction, temperature, chunk)
+
+
+def jsd_rows(z_r: torch.Tensor, sidecar: torch.Tensor, rows: torch.Tensor,
+             weights: torch.Tensor | None = None, temperature: float = 1.0,
+             chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jensen–Shannon ½KL(P_r‖M) + ½KL(P_t‖M), M = ½(P_r + P_t); same contract as kl_rows."""
+    return _row_divergence(z_r, sidecar, rows, weights, "jsd", temperature, chunk)
+
+
+def masked_mean(total: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
+    """total / Σw, or total (= 0) when no position carries weight.
+
+    For 0/1 weights this is the denominator clamped to ≥ 1; unlike a clamp it keeps the ratio
+    exact when fractional weights sum to less than one.
+    """
+    return total / torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
+
+
+def _cross_entropy_chunk(z: torch.Tensor, targets: torch.Tensor,
+                         grad_out: torch.Tensor | None) -> torch.Tensor:
+    """One chunk: z [c, V], targets [c] → −log softmax(z)[y] per row [c] float32; with grad_out
+    [c, V] (z's dtype) given, softmax(z) − onehot(y) is written into it."""
+    zf = z.float()
+    lse = torch.logsumexp(zf, dim=-1)
+    nll = lse - zf.gather(1, targets[:, None]).squeeze(1)
+    if grad_out is not None:
+        softmax = torch.exp(zf - lse[:, None])
+        is_target = torch.arange(z.shape[1], device=z.device) == targets[:, None]
+        grad_out.copy_(torch.where(is_target, softmax - 1.0, softmax))
+    return nll
+
+
+_cross_entropy_chunk_fast = fastpath.dispatch_compiled(_cross_entropy_chunk)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean over P positions of −log softmax(z)[y], z [P, V], y [P]; the gradient is computed
+    in the forward pass (when z needs one) and scaled in place in backward."""
+
+    @staticmethod
+    def forward(ctx, z, targets, chunk: int):
+        with_grad = ctx.needs_input_grad[0]
+        grad_z = torch.empty_like(z) if with_grad else None
+        total = torch.zeros((), dtype=torch.float64, device=z.device)
+        with torch.autocast(z.device.type, enabled=False):
+            for start in range(0, z.shape[0], chunk):
+                part = slice(start, start + chunk)
+                nll = _cross_entropy_chunk_fast(z[part], targets[part],
+                                                grad_z[part] if with_grad else None)
+                total += nll.sum(dtype=torch.float64)
+        ctx.save_for_backward(grad_z)
+        ctx.positions = z.shape[0]
+        return (total / z.shape[0]).float()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_mean):
+        (grad_z,) = ctx.saved_tensors
+        _scale_fast(grad_z, grad_mean / ctx.positions)
+        return grad_z, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Mean over all B·T positions of −log softmax(logits)[targets]; logits [B, T, V],
+    targets [B, T] int64. float32 scalar, computed chunk by chunk in float32."""
+    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
+        raise InputError(f"Logits must be [B, T, V] with targets [B, T]; got "
+                         f"{tuple(logits.shape)} and {tuple(targets.shape)}.")
+    if chunk < 1:
+        raise InputError(f"The position chunk size must be ≥ 1; got {chunk}.")
+    return _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), int(chunk))

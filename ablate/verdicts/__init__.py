@@ -1,0 +1,1 @@
+"""Turning metrics into verdicts: threshold rules, expectations, results.json."""

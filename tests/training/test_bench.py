@@ -1,0 +1,111 @@
+"""`ablate bench --size small --device cpu` end to end: the JSON it writes is self-consistent,
+the two cell steps compute the same loss on the same batch, and every derived figure (ratios,
+throughputs, FLOPs, the full-matrix estimate) follows from the reported numbers. No timing
+asserts."""
+
+from __future__ import annotations
+
+import io
+import json
+from argparse import Namespace
+
+import pytest
+import torch
+from rich.console import Console
+
+from ablate.training import bench
+from ablate.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    console = Console(file=io.StringIO(), width=200)
+    args = Namespace(size="small", device="cpu", steps=None, out=str(out), skip_oracle=False)
+    assert bench.bench_command(args, console) == 0
+    printed = console.file.getvalue()
+    assert "cell step, ablate" in printed and "oracle pass" in printed
+    return json.loads(out.read_text())
+
+
+def test_both_steps_compute_the_same_loss_on_the_same_batch(result):
+    check = result["cells"]["loss_check"]
+    assert result["cells"]["precision"] == "fp32"
+    assert check["ok"] is True and check["kl_rows_equal"] is True
+    assert check["tolerance"] == pytest.approx(1e-4)
+    assert abs(check["ablate_loss"] - check["naive_loss"]) <= 1e-4 * abs(check["naive_loss"])
+    assert check["naive_loss"] > 0
+
+
+def test_throughputs_and_ratios_follow_from_the_reported_numbers(result):
+    cells, dims = result["cells"], result["dimensions"]
+    tokens = dims["batch"] * dims["seq_len"]
+    for name in ("ablate", "naive", "router_off_ablate"):
+        m = cells[name]
+        assert m["ms_per_step"] > 0
+        assert m["tokens_per_s"] == pytest.approx(tokens / (m["ms_per_step"] / 1000), rel=1e-12)
+        assert m["mfu"] is None and m["peak_memory_gib"] is None and m["peak_reserved_gib"] is None
+    assert cells["ratios"]["tokens_per_s"] == pytest.approx(
+        cells["ablate"]["tokens_per_s"] / cells["naive"]["tokens_per_s"], rel=1e-12)
+    assert cells["ratios"]["peak_memory"] is None and cells["ratios"]["peak_reserved"] is None
+    assert result["speedup_vs_reference"] == pytest.approx(
+        result["reference_cell_step_ms"] / cells["ablate"]["ms_per_step"], rel=1e-12)
+
+
+def test_full_matrix_estimate_recomputed(result):
+    cells, est = result["cells"], result["full_matrix_estimate"]
+    expected_ms = (2 * (2000 * cells["router_off_ablate"]["ms_per_step"] + 80 * cells["eval_ms_per_batch"])
+                   + 4 * (2000 * cells["ablate"]["ms_per_step"] + 80 * cells["eval_ms_per_batch"]))
+    assert est["is_estimate"] is True
+    assert est["seconds"] == pytest.approx(expected_ms / 1000, rel=1e-12)
+    assert est["minutes"] == pytest.approx(est["seconds"] / 60, rel=1e-12)
+    compile_s = (cells["loss_check"]["first_call_s"] + cells["ablate"]["warmup_s"]
+                 + cells["router_off_ablate"]["warmup_s"] + 2 * cells["eval_warmup_s"])
+    assert est["minutes_with_compilation"] == pytest.approx((est["seconds"] + compile_s) / 60, rel=1e-12)
+
+
+def test_oracle_figures(result):
+    o, dims = result["oracle"], result["dimensions"]
+    size = bench.SIZES["small"]
+    assert o["tokens"] == size.oracle_batches * size.oracle_batch * size.oracle_seq_len
+    assert o["tokens_per_s"] == pytest.approx(o["tokens"] / o["seconds"], rel=1e-12)
+    assert o["teacher_forward_tokens_per_s"] > 0
+    t = dims["teacher"]
+    h, layers, vocab, T = t["hidden_size"], t["num_hidden_layers"], dims["backbone"]["vocab_size"], o["seq_len"]
+    kv = t["num_key_value_heads"] * h // t["num_attention_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * t["intermediate_size"]  # q, o; k, v; MLP
+    attention = layers * 2 * T * h  # heads · head_dim = h; QKᵀ and PV over T/2 keys on average
+    assert o["flops_per_token"] == 2 * (layers * per_layer + h * vocab) + attention
+
+
+def test_step_flops_parts_from_first_principles(result):
+    flops, dims = result["cells"]["flops"], result["dimensions"]
+    c = dims["backbone"]
+    P, d, V = dims["batch"] * dims["seq_len"], c["hidden_dim"], c["vocab_size"]
+    assert flops["lm_head"] == 4 * P * d * V  # forward + input gradient, E frozen
+    assert flops["router"] == 6 * P * d * d + 4 * P * d * V
+    assert flops["total"] == pytest.approx(sum(v for k, v in flops.items() if k != "total"))
+    off = result["cells"]["flops_router_off"]
+    assert "router" not in off and off["total"] == pytest.approx(flops["total"] - flops["router"])
+    B, T, hd = dims["batch"], dims["seq_len"], c["head_dim"]
+    qw, kvw = c["num_query_heads"] * hd, c["num_kv_heads"] * hd
+    gemm = 2 * P * (2 * d * qw + 2 * d * kvw + 3 * d * c["ffn_dim"])
+    attention = 2 * B * c["num_query_heads"] * T * T * hd  # causal half of QKᵀ and PV
+    assert flops["backbone_forward"] == c["num_layers"] * (gemm + attention)
+    # backward: activation gradients through the layers after the first injection only
+    grad_layers = c["num_layers"] - 1 - min(dims["engram"]["inject_layers"])
+    assert flops["backbone_backward"] == pytest.approx(grad_layers * (gemm + 2.5 * attention))
+
+
+def test_skip_oracle_and_bad_arguments(tmp_path):
+    console = Console(file=io.StringIO())
+    out = tmp_path / "b.json"
+    args = Namespace(size="small", device="cpu", steps=1, out=str(out), skip_oracle=True)
+    assert bench.bench_command(args, console) == 0
+    data = json.loads(out.read_text())
+    assert data["oracle"] is None and data["dimensions"]["timed_steps"] == 1
+    with pytest.raises(InputError, match="--steps"):
+        bench.run_bench("small", torch.device("cpu"), steps=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA"):
+            bench._resolve_device("cuda")
