@@ -238,3 +238,10 @@ def summary_lines(text: str) -> list[str]:
     block = text.split("## Summary\n")[1].split("\nAxes:")[0]
     return [line for line in block.splitlines() if line.strip()]
 
+
+ZEB136_L2_REAL = {  # reference §8.5, ZEB-136 router-off pair, L2 real, and the pair's cross-run C
+    "retrieval_unique_frac_L2": 0.13860, "attn_entropy_L2": 0.6310, "retrieval_gap_L2": 0.0387,
+    "inj_ratio_L2": 0.0484, "inj_axis_rms_L2": 0.0897, "inj_hidden_abs_cos_L2": 0.0384,
+    "content_swap_abs_cos_L2": 0.2060, "topk_jaccard_mean_L2": 0.0008, "row_usage_cv_L2": 0.7842,
+    "v_rank_hard_ratio_L2": 1.0, "cross_run_inj_cos_L2": 0.8730, "cross_run_inj_abs_cos_L2": 0.8730,
+}

@@ -1,6 +1,6 @@
-"""The plugin surface: everything a corpus, teacher, objective or probe plugin may import from
-ablate. The built-in plugins (plugins/ablate_builtins) import nothing else from ablate; a
-third-party plugin that does the same keeps working across ablate's internal refactors.
+"""The plugin surface: everything a corpus, teacher, objective, probe, executor or logger plugin
+may import from ablate. The built-in plugins (plugins/ablate_builtins) import nothing else from
+ablate; a third-party plugin that does the same keeps working across ablate's internal refactors.
 
     from ablate.api import CellView, Metric, Probe, hookimpl
 """
@@ -34,17 +34,23 @@ __all__ = [
     "METRIC_ROLES", "gaussian_twin",
     # executors (loaded on first use: they import the pipeline, which imports this package)
     "Executor", "LocalExecutor", "RayExecutor", "CellJob",
+    # loggers and the run events they receive (ablate.pipeline.events; loaded on first use too)
+    "Logger", "Event", "RunStarted", "StageFinished", "CellStarted", "StepLogged", "CellEvaluated", "CellFinished",
+    "CellFailed", "ProbesFinished", "Verdicts",
     # errors
     "AblateError", "InputError", "SpecError",
 ]
 
-_EXECUTORS = {"Executor": "ablate.pipeline.executors", "LocalExecutor": "ablate.pipeline.executors",
-              "RayExecutor": "ablate.pipeline.ray_executor", "CellJob": "ablate.pipeline.cell_job"}
+_LAZY = {"Executor": "ablate.pipeline.executors", "LocalExecutor": "ablate.pipeline.executors",
+              "RayExecutor": "ablate.pipeline.ray_executor", "CellJob": "ablate.pipeline.cell_job",
+              **dict.fromkeys(("Logger", "Event", "RunStarted", "StageFinished", "CellStarted", "StepLogged",
+                               "CellEvaluated", "CellFinished", "CellFailed", "ProbesFinished", "Verdicts"),
+                              "ablate.pipeline.events")}
 
 
 def __getattr__(name: str):
-    """The executor kind's classes, imported when a plugin first asks for them."""
-    if name not in _EXECUTORS:
+    """The executor and logger kinds' classes, imported when a plugin first asks for them."""
+    if name not in _LAZY:
         raise AttributeError(f"module 'ablate.api' has no attribute {name!r}")
     import importlib
-    return getattr(importlib.import_module(_EXECUTORS[name]), name)
+    return getattr(importlib.import_module(_LAZY[name]), name)

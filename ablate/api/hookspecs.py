@@ -33,3 +33,8 @@ def ablate_probes(register):
 @hookspec
 def ablate_executors(register):
     """Register Executor classes (ablate.pipeline.executors.Executor): register(MyExecutor)."""
+
+
+@hookspec
+def ablate_loggers(register):
+    """Register Logger classes (ablate.api.Logger; they receive the run's events): register(MyLogger)."""

@@ -18,6 +18,7 @@ import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pluggy
 
@@ -26,7 +27,7 @@ from ablate.api.components import Component
 from ablate.errors import AblateError, InputError
 
 KINDS = {"corpus": "ablate_corpora", "teacher": "ablate_teachers", "objective": "ablate_objectives", "probe": "ablate_probes",
-         "executor": "ablate_executors"}
+         "executor": "ablate_executors", "logger": "ablate_loggers"}
 HOOKS = sorted(KINDS.values())
 ENTRY_POINT_GROUP = "ablate"
 
@@ -174,3 +175,21 @@ def _import_file(path: Path):
         raise InputError(f"Plugin file {path} failed to import: {type(exc).__name__}: {exc}. "
                          f"Fix the error in that file or drop the --plugin option.") from exc
     return module
+
+
+def validate_params(kind: str, section: str, name: str, cls, table: dict) -> tuple[Any, list[tuple[str, str]]]:
+    """A component's parameters from its spec table ([probes.<name>], [loggers.<name>]):
+    (cls.Params instance, []) or (None, problems) naming each bad key and what the component accepts."""
+    from pydantic import ValidationError
+
+    try:
+        return cls.Params.model_validate(table), []
+    except ValidationError as exc:
+        allowed = ", ".join(cls.Params.model_fields) or "none"
+        problems = []
+        for e in exc.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            msg = (f"unknown key (remove it or check its spelling) — {kind} {name!r} accepts: {allowed}"
+                   if e["type"] == "extra_forbidden" else e["msg"])
+            problems.append((f"{section}.{name}.{loc}" if loc else f"{section}.{name}", msg))
+        return None, problems

@@ -33,6 +33,21 @@ def _common(p: argparse.ArgumentParser, spec: bool = True) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _memory_budget(text: str) -> int:
+    from ablate.pipeline.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _budget(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-budget", type=_memory_budget, default=None, metavar="SIZE",
+                   help="the GPU memory of the card you plan to use, e.g. 16GiB: refuse a spec whose estimated "
+                        "peak does not fit it (default: the device's own memory; with --device cpu, host memory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ablate", description="Ablation experiments on memory-augmented language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "start a local Ray over this machine's GPUs)")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells that failed in an earlier run "
                    "(a rerun skips them by default)")
+    p.add_argument("--logger", dest="loggers", action="append", default=[], metavar="NAME",
+                   help="send the run's events to this logger too, e.g. tensorboard (repeatable; joins [loggers] use)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _budget(p)
 
     p = sub.add_parser("status", help="every cell of a run: pending, running (heartbeat), interrupted, done, failed")
     p.add_argument("run", help="run name (the spec's name)")
@@ -55,9 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a spec and its plugins without running anything")
     _common(p)
+    _budget(p)
 
     p = sub.add_parser("plan", help="list every stage and cell with its cache key and what would run")
     _common(p)
+    p.add_argument("--retry-failed", action="store_true", help="plan as `ablate run --retry-failed` would run")
+    _budget(p)
 
     p = sub.add_parser("plugins", help="list the installed plugins and their components")
     _common(p, spec=False)
@@ -149,12 +170,16 @@ def _registry(args):
 def _load(args, registry):
     from ablate.config.spec import load_spec
 
-    return load_spec(args.spec, args.overrides, args.profile, registry)
+    return load_spec(args.spec, args.overrides, args.profile, registry, getattr(args, "loggers", ()))
 
 
 def cmd_validate(args) -> int:
+    from ablate.pipeline import memory
+
     registry = _registry(args)
     spec = _load(args, registry)
+    # where `ablate run` would run by default (or the card of --memory-budget): refuse what cannot fit
+    memory.check(spec, memory.limit_for(None, args.memory_budget), registry, args.spec)
     console.print(f"[green]✓[/] {args.spec}: spec {spec.name!r} is valid — {len(spec.cells)} cells, "
                   f"{len(spec.thresholds)} thresholds; plugins: corpus {spec.corpus.plugin}, teacher {spec.teacher.plugin}, "
                   f"objectives {', '.join(sorted({c.objective.name for c in spec.cells}))}")
@@ -186,6 +211,9 @@ def cmd_plan(args) -> int:
     registry = _registry(args)
     spec = _load(args, registry)
     exp = Experiment(spec, registry, resolve_device("cpu"), QuietUI())
+    exp.retry_failed = args.retry_failed
+    exp.memory_check = False  # plan prints the estimate instead of refusing
+    print_memory_plan(spec, registry, args.memory_budget)
     table = Table(title=f"plan for {spec.name}")
     for col in ("stage / cell", "key", "status"):
         table.add_column(col)
@@ -194,6 +222,21 @@ def cmd_plan(args) -> int:
     console.print(table)
     console.print(compile_decision(spec))
     return 0
+
+
+def print_memory_plan(spec, registry, budget: int | None) -> None:
+    from ablate.pipeline.planning import memory_plan
+
+    rows, lines = memory_plan(spec, registry, budget)
+    table = Table(title=f"estimated peak memory of {spec.name} on CUDA (GiB)")
+    for col in ("stage", "host GiB", "GPU GiB", "largest part (GiB)"):
+        table.add_column(col, justify="left" if col in ("stage", "largest part (GiB)") else "right")
+    for row in rows:
+        table.add_row(row["stage"], f"{row['host_gib']:,.2f}",
+                      "—" if row["gpu_gib"] is None else f"{row['gpu_gib']:,.2f}", row["largest"])
+    console.print(table)
+    for line in lines:
+        console.print(escape(line), soft_wrap=True)
 
 
 def compile_decision(spec) -> str:
@@ -223,6 +266,7 @@ def cmd_run(args) -> int:
     command = "ablate " + " ".join(shlex.quote(a) for a in args.argv)
     exp = Experiment(spec, registry, device, ui, command=command, fresh=args.fresh)
     exp.retry_failed = args.retry_failed  # read by cell_job.cell_jobs
+    exp.memory_budget = args.memory_budget  # read by memory.check_run (preflight)
     console.print(f"[bold]ablate run[/] {spec.name} on {device} — {len(spec.cells)} cells")
     try:
         results = exp.run()

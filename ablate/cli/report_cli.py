@@ -30,10 +30,10 @@ def find_run(runs_dir: Path, name: str | None) -> Path:
 
 
 def load_results(run_dir: Path) -> dict:
-    try:
-        return store.read_json(run_dir / "results.json")
-    except ValueError as exc:
-        raise AblateError(f"{run_dir / 'results.json'} is not valid JSON ({exc}); re-run the spec to rewrite it.") from exc
+    """A run's results.json read through the Results model (ablate.verdicts.schema)."""
+    from ablate.verdicts.schema import read_results
+
+    return read_results(run_dir / "results.json")
 
 
 def report_command(args, console) -> int:

@@ -12,7 +12,7 @@ import itertools
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
@@ -210,29 +210,46 @@ class TrainSpec(Strict):
     compile: Literal["auto", "on", "off"] = "auto"
 
 
-class ProbeSpec(Strict):
-    """[probes]: the probe batches; `use`, the probes that run (None: the built-ins; a probe not
-    listed does not run); one table `[probes.<name>]` per probe with that probe's parameters
-    (validated by the probe's Params in _check_plugins)."""
+class PluginTables(Strict):
+    """A section with its own keys and one table of parameters per plugin it selects, `[<section>.<name>]`
+    (validated by that plugin's Params in _check_plugins)."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+    section: ClassVar[str]
+    kind: ClassVar[str]
+
+    @model_validator(mode="after")
+    def _tables(self):
+        keys = [k for k, v in (self.model_extra or {}).items() if not isinstance(v, dict)]
+        if keys:
+            own = ", ".join(type(self).model_fields)
+            raise ValueError(f"unknown key(s) {', '.join(map(repr, keys))}: [{self.section}] holds {own}, and one table "
+                             f"[{self.section}.<{self.kind} name>] of parameters per {self.kind}")
+        return self
+
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """Plugin name → its parameter table."""
+        return {k: dict(v) for k, v in (self.model_extra or {}).items()}
+
+
+class ProbeSpec(PluginTables):
+    """[probes]: the probe batches; `use`, the probes that run (None: the built-ins; a probe not
+    listed does not run); one table `[probes.<name>]` per probe with that probe's parameters."""
+
+    section, kind = "probes", "probe"
     batches: int = Field(2, ge=1)
     batch: int = Field(4, ge=1)
     seq_len: int | None = Field(None, ge=3)
     seed: int = 0
     use: list[str] | None = None
 
-    @model_validator(mode="after")
-    def _tables(self):
-        keys = [k for k, v in (self.model_extra or {}).items() if not isinstance(v, dict)]
-        if keys:
-            raise ValueError(f"unknown key(s) {', '.join(map(repr, keys))}: [probes] holds batches, batch, seq_len, "
-                             "seed, use, and one table [probes.<probe name>] of parameters per probe")
-        return self
 
-    def tables(self) -> dict[str, dict[str, Any]]:
-        """Probe name → its parameter table."""
-        return {k: dict(v) for k, v in (self.model_extra or {}).items()}
+class LoggerSpec(PluginTables):
+    """[loggers]: `use`, the loggers that receive the run's events (none unless listed; `ablate run
+    --logger NAME` adds one); one table `[loggers.<name>]` per logger with its parameters."""
+
+    section, kind = "loggers", "logger"
+    use: list[str] = []
 
 
 class CellSpec(Strict):
@@ -243,11 +260,32 @@ class CellSpec(Strict):
     # the cell's training seed, set by `[sweep] seed = [...]`: it offsets train.model_seed (the
     # adapters' init) and train.data_seed (the training batches); validation windows stay the same
     seed: int | None = Field(None, ge=0)
+    # set by [sweep] expansion: the spec cell this one was generated from, and its point on the sweep
+    # grid (axis → value label, e.g. {"lambda": "0.9", "seed": "1"}); read, never parsed from the name
+    base: str | None = None
+    sweep: dict[str, str] = {}
 
     @field_validator("objective", mode="before")
     @classmethod
     def _shorthand(cls, v):
         return {"name": v} if isinstance(v, str) else v
+
+    @property
+    def base_name(self) -> str:
+        """The spec cell's name (the cell's own name when no sweep generated it)."""
+        return self.base or self.name
+
+    @property
+    def sweep_label(self) -> str:
+        """`lambda=0.9,seed=1`; "" for a cell no sweep generated."""
+        return ",".join(f"{k}={v}" for k, v in self.sweep.items())
+
+    @property
+    def seed_group(self) -> str:
+        """The cell's name without its seed (`router_on_real@lambda=0.9,seed=2` → `router_on_real@lambda=0.9`):
+        thresholds, combinations and discriminators are read per seed group, over its seeds."""
+        rest = ",".join(f"{k}={v}" for k, v in self.sweep.items() if k != SEED_KEY)
+        return f"{self.base_name}@{rest}" if rest else self.base_name
 
 
 class SweepSpec(BaseModel):
@@ -368,6 +406,7 @@ class Spec(Strict):
     train: TrainSpec = TrainSpec()
     probes: ProbeSpec = ProbeSpec()
     executor: PluginRef = PluginRef(plugin="local")  # who runs the cell jobs (ablate.pipeline.executors)
+    loggers: LoggerSpec = LoggerSpec()  # who receives the run's events (ablate.pipeline.events); no effect on results
     cells: list[CellSpec] = Field(min_length=1)
     sweep: SweepSpec | None = None
     thresholds: list[ThresholdSpec] = []
@@ -380,8 +419,10 @@ class Spec(Strict):
 # ------------------------------------------------------------------------------- loading
 
 
-def load_spec(path: str | Path, overrides: list[str] = (), profile: str | None = None, registry=None) -> Spec:
-    """Read, override, validate (schema, plugins, cross-references) and expand sweeps."""
+def load_spec(path: str | Path, overrides: list[str] = (), profile: str | None = None, registry=None,
+              loggers: list[str] = ()) -> Spec:
+    """Read, override, validate (schema, plugins, cross-references) and expand sweeps; `loggers`
+    (`ablate run --logger NAME`) are added to `[loggers] use`."""
     path = Path(path)
     if not path.is_file():
         raise SpecError([("", f"spec file {path} does not exist; pass the path of a .toml spec (see specs/)")], str(path))
@@ -391,10 +432,10 @@ def load_spec(path: str | Path, overrides: list[str] = (), profile: str | None =
         raise SpecError([("", f"TOML syntax error: {exc}. Fix the file at that line.")], str(path)) from None
     except UnicodeDecodeError:
         raise SpecError([("", "the file is not UTF-8 text; a spec is a TOML file")], str(path)) from None
-    return spec_from_dict(raw, overrides, profile, registry, source=str(path))
+    return spec_from_dict(raw, overrides, profile, registry, source=str(path), loggers=loggers)
 
 
-def spec_from_dict(raw: dict, overrides=(), profile=None, registry=None, source="spec") -> Spec:
+def spec_from_dict(raw: dict, overrides=(), profile=None, registry=None, source="spec", loggers=()) -> Spec:
     raw = copy.deepcopy(raw)
     problems: list[tuple[str, str]] = []
     if profile is not None:
@@ -410,6 +451,9 @@ def spec_from_dict(raw: dict, overrides=(), profile=None, registry=None, source=
             problems.append((f"--set {item}", str(exc)))
     if problems:
         raise SpecError(problems, source)
+    section = raw.setdefault("loggers", {}) if loggers else None
+    if isinstance(section, dict) and isinstance(section.setdefault("use", []), list):
+        section["use"] = list(dict.fromkeys([*section["use"], *loggers]))
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as exc:
@@ -656,6 +700,9 @@ def _check_plugins(spec: Spec, registry) -> list[tuple[str, str]]:
 
     probe_problems, selected = probe_selection.probe_problems(spec, registry)
     problems += probe_problems
+    from ablate.pipeline import events
+
+    problems += events.selected_loggers(spec, registry)[0]
     layers = spec.model.inject_layers
     produced = probe_selection.expand_metric_names(probe_selection.declared_metrics(selected), layers)
     available = ", ".join(sorted(produced))
@@ -718,8 +765,8 @@ def expand_sweeps(spec: Spec, source: str = "spec") -> Spec:
                 for h in head:
                     node = node[h]
                 node[tail] = copy.deepcopy(axes[k][i])
-            label = ",".join(f"{k.split('.')[-1]}={labels[k][i]}" for k, i in zip(keys, point))
-            data["name"] = f"{cell.name}@{label}"
+            data["base"], data["sweep"] = cell.name, {k.split(".")[-1]: labels[k][i] for k, i in zip(keys, point)}
+            data["name"] = f"{cell.name}@" + ",".join(f"{k}={v}" for k, v in data["sweep"].items())
             try:
                 cells.append(CellSpec.model_validate(data))
             except ValidationError as exc:
@@ -746,31 +793,14 @@ def _value_labels(values: list) -> list[str]:
     return out
 
 
-def base_name(cell_name: str) -> str:
-    return cell_name.split("@", 1)[0]
-
-
-def sweep_label(cell_name: str) -> str:
-    return cell_name.split("@", 1)[1] if "@" in cell_name else ""
-
-
 def cells_for(spec: Spec, name: str) -> list[CellSpec]:
     """The cells a threshold/discriminator naming `name` applies to (all its sweep expansions)."""
-    return [c for c in spec.cells if c.name == name or base_name(c.name) == name]
-
-
-def seed_group(cell_name: str) -> str:
-    """The cell's name without its seed: `router_on_real@lambda=0.5,seed=2` → `router_on_real@lambda=0.5`,
-    `router_off_real@seed=0` → `router_off_real`. Thresholds, combinations and discriminators are
-    read per seed group, over its seeds."""
-    base, _, label = cell_name.partition("@")
-    rest = [p for p in label.split(",") if p and not p.startswith(f"{SEED_KEY}=")]
-    return f"{base}@{','.join(rest)}" if rest else base
+    return [c for c in spec.cells if c.name == name or c.base_name == name]
 
 
 def seed_groups(cells: list[CellSpec]) -> dict[str, list[CellSpec]]:
     """Seed group → its cells (one per seed; one cell when there is no seed axis), in spec order."""
     out: dict[str, list[CellSpec]] = {}
     for c in cells:
-        out.setdefault(seed_group(c.name), []).append(c)
+        out.setdefault(c.seed_group, []).append(c)
     return out

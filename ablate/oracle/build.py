@@ -22,15 +22,17 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from ablate.api.components import LoadedTeacher, Progress, no_progress
+from ablate.config.spec import OracleSpec
 from ablate.errors import InputError
-from ablate.oracle.hashing import row_ids
+from ablate.oracle.hashing import RowContract, row_ids
 
 TABLE_FILE = "table.safetensors"
 SIDECAR_FILE = "sidecar.safetensors"
@@ -41,23 +43,13 @@ SIDECAR_KEY = "teacher_logits.weight"
 TWIN_DIR = "shuffled"  # a given shuffled twin, saved beside the oracle
 
 
-@dataclass
-class OracleConfig:
-    rows: int = 10000
-    engram_dim: int = 128
-    seeds: tuple[int, ...] = (42, 99, 137, 251)
-    orders: tuple[int, ...] = (2, 3)
-    batch: int = 16
-    seq_len: int = 2048
-    pca_sample_min: int = 512
-    pca_sample_frac: float = 0.2
-    pca_seed: int = 42
-    shuffle_seed: int = 0
-    chunk: int = 32768  # positions per sparse accumulation product (bounds its temporaries)
-    cos_sample: int = 2000  # populated rows sampled for the pairwise |cos| statistics
-    cos_seed: int = 0
-    max_tokens: int | None = None  # stop after this many tokens; None = the whole stream
-    numerics: str = "ablate"  # "upstream": float32 row means and scikit-learn's IncrementalPCA (§11.4)
+class OracleConfig(OracleSpec):
+    """The spec's [oracle] section as the oracle pass reads it (stages.oracle_config): OracleSpec's
+    fields and validation, plus the accumulation chunk, the seed of the |cos| sample, and the numerics."""
+
+    chunk: int = Field(32768, ge=1)  # positions per sparse accumulation product (bounds its temporaries)
+    cos_seed: int = 0  # seed of the populated rows sampled for the pairwise |cos| statistics
+    numerics: Literal["ablate", "upstream"] = "ablate"  # "upstream": float32 row means, IncrementalPCA (§11.4)
 
 
 @dataclass
@@ -73,6 +65,13 @@ class Oracle:
     counts: torch.Tensor
     stats: dict[str, Any] = field(default_factory=dict)
     shuffled_twin: Oracle | None = None
+
+    @property
+    def row_contract(self) -> RowContract:
+        """The sidecar's row contract, as its stats record it (an oracle cached before the record
+        existed: its rows and first hash seed, which are the same thing)."""
+        recorded = self.stats.get("row_contract") or {"rows": self.table.shape[0], "seed": self.stats["hash_seeds"][0]}
+        return RowContract.model_validate(recorded)
 
 
 # ------------------------------------------------------------------------------ accumulation
@@ -382,6 +381,7 @@ def assemble_oracle(hidden_acc: RowAccumulator, sidecar_acc: RowAccumulator, cfg
         hash_seeds=list(cfg.seeds),
         orders=list(cfg.orders),
         rows=cfg.rows,
+        row_contract=RowContract(rows=cfg.rows, seed=cfg.seeds[0]).model_dump(),
         populated_rows=n_populated,
         populated_fraction=n_populated / cfg.rows,
         pca_explained_variance_ratio_total=pca.explained_variance_ratio_total,

@@ -208,7 +208,8 @@ def import_oracle(o, vocab: int) -> Oracle:
     n = int(populated.sum())
     stats: dict[str, Any] = {
         "origin": "files", "rows": o.rows, "engram_dim": o.engram_dim, "hash_seeds": list(o.seeds),
-        "orders": list(o.orders), "populated_rows": n, "populated_fraction": n / o.rows,
+        "orders": list(o.orders), "row_contract": {"rows": o.rows, "seed": o.seeds[0]},
+        "populated_rows": n, "populated_fraction": n / o.rows,
         "pairwise_abs_cos": _pairwise_abs_cos(table, populated, o.cos_sample, 0),
         "imported": {"files": {role: {"path": str(found[role]), "sha256": hashes[role]} for role in found},
                      "sidecar_dtype": sidecar_dtype, "stats": imported_stats,

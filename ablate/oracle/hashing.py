@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from ablate.errors import InputError
 
@@ -131,3 +132,16 @@ def canonical_rows(tokens: torch.Tensor, n_rows: int, seed: int = DEFAULT_SEEDS[
     """The KL-target row of each position (§2.2): the trigram ending at p hashed with the first
     seed. tokens [B, T] int64 → [B, T] int64, −1 at p < 2."""
     return row_ids(tokens, n_rows, seeds=(seed,), orders=(3,))[..., 0]
+
+
+class RowContract(BaseModel):
+    """Which sidecar row a position reads (§2.2): the trigram ending at it hashed with `seed`, mod
+    `rows`. The oracle records it (Oracle.row_contract); the loss and the probes read it there."""
+
+    model_config = ConfigDict(frozen=True)
+    rows: int = Field(ge=1)
+    seed: int
+
+    def rows_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] int64 → sidecar rows [B, T] int64, −1 at p < 2."""
+        return canonical_rows(tokens, self.rows, self.seed)

@@ -28,6 +28,7 @@ from ablate.pipeline import meter
 from ablate.pipeline import store
 from ablate.api.components import ObjectiveContext
 from ablate.errors import Interrupted, NumericalFault, PluginFault
+from ablate.pipeline.events import NO_EVENTS, CellEvaluated, CellFailed, CellFinished, CellStarted, StepLogged
 from ablate.config.spec import Spec
 
 
@@ -53,6 +54,12 @@ class CellJob(BaseModel):
     @property
     def config(self):
         return next(c for c in self.spec.cells if c.name == self.cell)
+
+    def resolved_config(self) -> dict:
+        """The cell's settings ("cell") with the spec's sections that shape it (what loggers record)."""
+        shaping = {"name", "seed", "numerics", "axes", "corpus", "backbone", "teacher", "oracle", "model", "train"}
+        return {**self.spec.model_dump(mode="json", by_alias=True, include=shaping),
+                "cell": self.config.model_dump(mode="json")}
 
     def identity(self) -> dict:
         """What the cell directory must record to be reused: key and input digests."""
@@ -143,10 +150,21 @@ def settled(job: CellJob) -> bool:
     return cellmod.is_complete(job.cell_dir, job.identity()) or earlier_failure(job) is not None
 
 
-def run_cell(job: CellJob, device: torch.device, stop, registry, ui) -> dict:
+def run_cell(job: CellJob, device: torch.device, stop, registry, ui, events=NO_EVENTS) -> dict:
     """Reuse the cell if its directory is complete for this identity, else train it (resuming from
     its last checkpoint); a cell whose status records a failure is not rerun unless
-    job.retry_failed. → record {"status": "done" | "failed", ...}."""
+    job.retry_failed. → record {"status": "done" | "failed", ...}. `events` receives the cell's
+    events as they happen (cell_started, cell_evaluated, step_logged), then cell_finished or
+    cell_failed (none when interrupted)."""
+    record = _run_cell(job, device, stop, registry, ui, events)
+    if record["status"] == "failed":
+        events(CellFailed(job.cell, str(record["error"]), record.get("step")))
+    else:
+        events(CellFinished(job.cell, record["cached"], dict(record["outcome"])))
+    return record
+
+
+def _run_cell(job: CellJob, device: torch.device, stop, registry, ui, events) -> dict:
     ident, cell_dir, name = job.identity(), job.cell_dir, job.cell
     if cellmod.is_complete(cell_dir, ident):
         (cell_dir / cellmod.STATE_FILE).unlink(missing_ok=True)  # killed between its marker and this delete
@@ -159,13 +177,13 @@ def run_cell(job: CellJob, device: torch.device, stop, registry, ui) -> dict:
                 "checkpoint_step": status.get("checkpoint_step")}
     if cell_dir.exists() and store.read_marker(cell_dir) is not None:
         ui.warn(f"cell {name}: its files are corrupt or it was trained on other inputs; recomputing it")
-    return _train(job, device, stop, registry, ui)
+    return _train(job, device, stop, registry, ui, events)
 
 
-def _train(job: CellJob, device: torch.device, stop, registry, ui) -> dict:
+def _train(job: CellJob, device: torch.device, stop, registry, ui, events) -> dict:
     from ablate.training.train import train_cell
 
-    spec, cell, cell_dir = job.spec, job.config, job.cell_dir
+    spec, cell, cell_dir, name = job.spec, job.config, job.cell_dir, job.cell
     corpus, variants = inputs(job)
     resume = cellmod.prepare_dir(cell_dir, job.identity(), ui.warn)
     variant = variants[cell.oracle]
@@ -174,6 +192,8 @@ def _train(job: CellJob, device: torch.device, stop, registry, ui) -> dict:
         ui.warn(f"the resume state of cell {cell.name} does not fit its student ({why}); restarting it")
         (cell_dir / cellmod.STATE_FILE).unlink()
         resume = None
+    cfg = cellmod.train_config(spec, cell, variant.contract)
+    events(CellStarted(cell.name, job.resolved_config(), cfg.steps, None if resume is None else int(resume["step"])))
     obj_cls = registry.get("objective", cell.objective.name)
     try:
         objective = obj_cls(obj_cls.Params.model_validate(cell.objective.params()),
@@ -182,8 +202,7 @@ def _train(job: CellJob, device: torch.device, stop, registry, ui) -> dict:
         record = _failure(cell.name, PluginFault("objective", cell.objective.name, "in its constructor", exc), None, ui)
         write_status(cell_dir, "failed", error=record["error"], failed_at_step=None, checkpoint_step=None)
         return record
-    cfg = cellmod.train_config(spec, cell, device)
-    sidecar = variant.sidecar.to(device) if obj_cls.needs_sidecar else None
+    sidecar = variant.sidecar_on(device) if obj_cls.needs_sidecar else None
     saved_step = [None if resume is None else int(resume["step"])]
 
     def save(state: dict) -> None:
@@ -201,7 +220,9 @@ def _train(job: CellJob, device: torch.device, stop, registry, ui) -> dict:
             if resume is not None:
                 progress(resume["step"] * cfg.batch * cfg.seq_len)
             outcome = train_cell(student, objective, corpus.train, corpus.val, sidecar, cfg, device,
-                                 progress=progress, should_stop=stop, resume_state=resume, save_state=save)
+                                 progress=progress, should_stop=stop, resume_state=resume, save_state=save,
+                                 log=lambda row: events(StepLogged(name, int(row["step"]), _values(row))),
+                                 on_eval=lambda row: events(CellEvaluated(name, int(row["step"]), row["val_loss"])))
     except (PluginFault, NumericalFault) as fault:
         return _failed(beat, _failure(cell.name, fault, saved_step[0], ui))
     if outcome.stopped_early:
@@ -213,6 +234,11 @@ def _train(job: CellJob, device: torch.device, stop, registry, ui) -> dict:
                            "peak_gpu_allocated_gib": use.as_dict()["peak_gpu_allocated_gib"]})
     beat.write("done", finished=time.time())
     return load_record(cell_dir, cached=False)
+
+
+def _values(row: dict) -> dict:
+    """A logged row without its step: what step_logged carries (metrics.csv's numbers)."""
+    return {k: v for k, v in row.items() if k != "step"}
 
 
 def _failed(beat: Heartbeat, record: dict) -> dict:

@@ -12,6 +12,7 @@ boundary and exit 130; a non-finite loss or a raising objective fails only its c
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from ablate.training import cells as cellmod
+from ablate.pipeline import events
 from ablate.pipeline import failures
 from ablate.pipeline import meter
 from ablate.pipeline import planning
@@ -29,6 +31,7 @@ from ablate.pipeline import store
 from ablate.pipeline.cell_job import cell_jobs
 from ablate.errors import AblateError, Interrupted
 from ablate.pipeline.executors import run_jobs
+from ablate.report import provenance
 from ablate.verdicts.results import build_results
 from ablate.pipeline.run_control import RunPaths, StopFlag, resolve_device  # noqa: F401 (resolve_device: for the CLI)
 from ablate.config.spec import Spec
@@ -51,6 +54,7 @@ class Experiment:
         self.stage_results: dict[str, stages.StageResult] = {}
         self.activity = "preparing the run"  # what the run is doing, for the message of a crash
         self.compile_cache: dict[str, int] = {}  # bytes of compiler artifacts loaded / saved (CUDA)
+        self.events: events.Dispatcher = events.NO_EVENTS  # the run's loggers, while it runs
 
     def preflight(self):
         return preflight.preflight(self)
@@ -77,7 +81,7 @@ class Experiment:
         corpus_cls = self.preflight()
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            with store.RunLock(self.paths.run_dir), self.stop.installed():
+            with store.RunLock(self.paths.run_dir), self.stop.installed(), self._loggers():
                 return self._run_locked(corpus_cls, t_start)
         except (KeyboardInterrupt, Interrupted):
             failures.mark_report_stale(self, "it was interrupted")
@@ -95,29 +99,32 @@ class Experiment:
         store.remove_temps(self.paths.report.parent, self.paths.report.name)
         if self.fresh:
             self._clear_fresh()
-        store.write_json(self.paths.run_dir / "spec.resolved.json", self.spec.model_dump(mode="json", by_alias=True))
-        cache, fresh, device, spec, ui = self.paths.cache, self.fresh, self.device, self.spec, self.ui
+        resolved = self.spec.model_dump(mode="json", by_alias=True)
+        store.write_json(self.paths.run_dir / "spec.resolved.json", resolved)
+        spec, device = self.spec, self.device
+        ctx = stages.StageContext(self.paths.cache, spec, device, self.ui, self.fresh)
+        if self.events:
+            self.events(events.RunStarted(spec.name, str(self.paths.run_dir), resolved, provenance.collect(
+                self.registry, device, spec.seed, self.command, t_start, {})))
         imported = spec.oracle.source == "files"
         with self._stage("corpus") as use:
-            r_corpus, corpus = stages.corpus_stage(cache, corpus_cls, self.corpus_params, ui, fresh)
+            r_corpus, corpus = stages.corpus_stage(ctx, corpus_cls, self.corpus_params)
         self._record(r_corpus, use, r_corpus.info["train_tokens"] + r_corpus.info["val_tokens"])
         if not imported:
             self.teacher.check(corpus.vocab_size)
         self.check_tokenizers(corpus.tokenizer_path)  # a tokenizer known only after tokenising
         stages.check_lengths(spec, self.teacher, corpus)
         with self._stage("backbone") as use:
-            r_bb = stages.backbone_stage(cache, spec, r_corpus, corpus, device, ui, fresh)
+            r_bb = stages.backbone_stage(ctx, r_corpus, corpus)
         self._record(r_bb, use, r_bb.info.get("train_tokens"))
         with self._stage("teacher") as use:
             if imported:  # the oracle comes from files: no teacher to prepare
                 r_teacher, teacher_ctx = stages.StageResult("teacher", "", None, True, 0.0, {"skipped": "oracle from files"}), None
             else:
-                r_teacher, teacher_ctx = stages.teacher_stage(cache, self.teacher, r_corpus, corpus, device, spec.seed,
-                                                              ui, fresh)
+                r_teacher, teacher_ctx = stages.teacher_stage(ctx, self.teacher, r_corpus, corpus)
         self._record(r_teacher, use, r_teacher.info.get("train_tokens"))
         with self._stage("oracle") as use:
-            r_oracle, oracle = stages.oracle_stage(cache, spec, self.teacher, r_teacher, teacher_ctx, r_corpus, corpus,
-                                                   device, ui, fresh)
+            r_oracle, oracle = stages.oracle_stage(ctx, self.teacher, r_teacher, teacher_ctx, r_corpus, corpus)
         self._record(r_oracle, use, r_oracle.info.get("tokens"))
         variants = cellmod.oracle_variants(oracle, spec)
         jobs = cell_jobs(self, r_corpus, r_bb, r_oracle, corpus, variants)
@@ -128,6 +135,7 @@ class Experiment:
                                         use.seconds, {"compile_cache": dict(self.compile_cache)}), use, trained)
         with self._stage("probes") as use:
             probed = probing.run_probes(self, corpus, r_bb, variants, records)
+        self.events(events.ProbesFinished(*probed))
         self._record(stages.StageResult("probes", "", self.paths.run_dir, probed[-1], use.seconds), use, None)
         self.activity = "writing results.json and the report"
         results = build_results(self, corpus, r_teacher, oracle, records, *probed[:3], t_start)
@@ -135,7 +143,20 @@ class Experiment:
         from ablate.report.markdown import render_report
 
         render_report(results, self.paths.run_dir, self.paths.report)
+        self.events(events.Verdicts({n: c["metrics"] for n, c in results["cells"].items()}, results["thresholds"],
+                                    results["combination"], results["discriminator"], results.get("expectations", []),
+                                    str(self.paths.run_dir / "results.json")))
         return results
+
+    @contextmanager
+    def _loggers(self):
+        """The spec's loggers receive the run's events (ablate.pipeline.events) until it ends."""
+        self.events = events.open_loggers(self.spec, self.registry, self.ui.warn)
+        try:
+            yield
+        finally:
+            self.events.close()
+            self.events = events.NO_EVENTS
 
     def _stage(self, name: str):
         self.activity = f"the {name} stage" if name != "probes" else "the probes"
@@ -146,6 +167,7 @@ class Experiment:
         r.tokens = None if r.cached else tokens
         r.peaks = {k: v for k, v in use.as_dict().items() if k != "seconds"}
         self.stage_results[r.name] = r
+        self.events(events.StageFinished(r.name, r.key, r.cached, r.seconds, r.tokens, dict(r.peaks)))
         store.write_json(self.paths.run_dir / store.STAGES_FILE, {n: s.key for n, s in self.stage_results.items() if s.key})
         if r.key:
             self.ui.info(f"[green]✓[/] {r.name:<9} {'cached' if r.cached else 'computed'} in {r.seconds:6.1f}s  key {r.key}")

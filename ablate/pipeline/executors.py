@@ -3,13 +3,19 @@ others (e.g. a cluster engine) are plugins of the `ablate_executors` hook, chose
 `[executor] name` or `ablate run --executor NAME`.
 
 An executor receives every job of a run and returns each cell's record (ablate.pipeline.cell_job.run_cell
-semantics: reuse a complete cell, else train it; a failed cell is a record, not an exception).
+semantics: reuse a complete cell, else train it; a failed cell is a record, not an exception). Its
+`events` is the run's event sink: passed to run_cell, it gets the cells' events as they happen;
+the events of a cell an executor did not deliver are replayed from its record when it returns.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
+from ablate.pipeline import events
+from ablate.pipeline.events import NO_EVENTS, Event
 from ablate.training import cells as cellmod
 from ablate.pipeline.cell_job import CellJob, run_cell
 from ablate.api.components import Component
@@ -18,6 +24,8 @@ from ablate.errors import Interrupted
 
 class Executor(Component):
     """Runs a run's cell jobs. Parameters come from the spec's [executor] table."""
+
+    events: Callable[[Event], None] = NO_EVENTS  # set by run_jobs: run_cell(..., events=self.events)
 
     def run(self, jobs: list[CellJob], device: torch.device, stop, registry, ui) -> dict[str, dict]:
         """cell name → record (cell_job.run_cell's), for every job."""
@@ -35,7 +43,7 @@ class LocalExecutor(Executor):
         for job in jobs:
             if stop.set:  # a signal during the last cell's final save: start no other cell
                 raise Interrupted()
-            records[job.cell] = run_cell(job, device, stop, registry, ui)
+            records[job.cell] = run_cell(job, device, stop, registry, ui, self.events)
         return records
 
 
@@ -47,7 +55,15 @@ def run_jobs(ctx, jobs: list[CellJob]) -> dict[str, dict]:
     ctx.activity = "the cells"
     executor_cls = ctx.registry.get("executor", ctx.spec.executor.plugin)
     executor = executor_cls(executor_cls.Params.model_validate(ctx.spec.executor.params()))
-    run = lambda: executor.run(jobs, ctx.device, ctx.stop, ctx.registry, ctx.ui)  # noqa: E731
+    executor.events = ctx.events
+
+    def run() -> dict[str, dict]:
+        records = executor.run(jobs, ctx.device, ctx.stop, ctx.registry, ctx.ui)
+        for job in jobs:  # an executor that passed no events to run_cell: its cells' events from their records
+            if ctx.events and job.cell not in ctx.events.settled and job.cell in records:
+                events.replay(job.cell, records[job.cell], job.resolved_config(), ctx.events)
+        return records
+
     if not (cellmod.compile_cells(ctx.spec) and fastpath.enabled_for(ctx.device)):
         return run()
     where = compile_cache.artifact_dir(ctx.paths.cache, ctx.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ablate.pipeline.cell_job import read_status
 from ablate.training import cells as cellmod
 from ablate.pipeline import probing
 from ablate.pipeline import stages
@@ -60,15 +61,47 @@ def _plan_cells(ctx, keys, digests, rebuilt) -> tuple[list[dict], dict[str, Path
         same = recorded.get("key") == key and all(
             digests[u] is None or recorded.get("inputs", {}).get(u) == digests[u] for u in ("backbone", "oracle"))
         waits_on = _if_identical([u for u in ("backbone", "oracle") if u in rebuilt])
+        failure = read_status(cell_dir) or {}
         if same and store.is_done(cell_dir):
             status = "cached" + waits_on
             done[cell.name] = cell_dir
+        elif same and failure.get("state") == "failed" and not getattr(ctx, "retry_failed", False):
+            status = f"failed in an earlier run ({failure.get('error')}); skipped unless --retry-failed"
         elif same and (cell_dir / cellmod.STATE_FILE).is_file():
             status = "would resume from its last checkpoint" + waits_on
         else:
             status = "would run"
         rows.append({"name": f"cell {cell.name}", "key": key, "status": status})
     return rows, done
+
+
+def memory_plan(spec, registry=None, budget: int | None = None) -> tuple[list[dict], list[str]]:
+    """The estimated peak memory of every stage on CUDA (ablate.pipeline.memory: rows of stage,
+    host GiB, GPU GiB, largest part) and lines saying whether it fits `budget` (bytes), this
+    machine's GPU, or (no GPU here) its host memory for a run on the CPU. Nothing is computed."""
+    from ablate.pipeline import memory
+
+    stages = memory.estimate(spec, "cuda", registry)
+    lines = []
+    gpu_peak = max(stages, key=lambda s: s.reserved_bytes)
+    host_peak = max(stages, key=lambda s: s.host_bytes)
+    lines.append(f"peak GPU memory: the {gpu_peak.stage} stage, ≈ {memory.fmt_gib(gpu_peak.reserved_bytes)} GiB "
+                 f"reserved ({memory.fmt_gib(gpu_peak.allocated_bytes)} GiB allocated); peak host memory: the "
+                 f"{host_peak.stage} stage, ≈ {memory.fmt_gib(host_peak.host_bytes)} GiB (estimates, "
+                 "docs/performance.md)")
+    limit = memory.limit_for(None, budget)
+    checked = stages
+    if limit.device_type == "cpu":
+        checked = memory.estimate(spec, "cpu", registry)
+        top = max(checked, key=lambda s: s.host_bytes)
+        lines.append(f"on this machine's CPU the peak would be the {top.stage} stage, ≈ "
+                     f"{memory.fmt_gib(top.host_bytes)} GiB of host memory")
+    found = memory.problems(checked, limit)
+    where = limit.device_label or "this machine"
+    lines += ([f"fits {where}"] if not found else [f"does not fit {where}; `ablate validate` and `ablate run` "
+                                                     "refuse it:"] + [f"  - {knob}: {text}" for knob, text in found])
+    lines += [f"note: {n}" for n in stages[0].notes]
+    return memory.table_rows(stages), lines
 
 
 def _if_identical(upstream: list[str]) -> str:

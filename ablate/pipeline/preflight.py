@@ -33,6 +33,9 @@ def preflight(ctx):
     elif vocab is not None:
         ctx.teacher.check(vocab)  # else the vocabulary is known only after tokenising: checked then
     check_tokenizers(ctx, corpus.tokenizer_file())  # again after tokenising
+    from ablate.pipeline import memory
+
+    memory.check_run(ctx)  # every stage's estimated peak fits the device (or --memory-budget)
     return corpus_cls
 
 def check_tokenizers(ctx, corpus_tokenizer) -> dict:

@@ -48,7 +48,7 @@ def probe_names(spec, registry) -> list[str]:
 
 def probe_problems(spec, registry) -> tuple[list[tuple[str, str]], list[tuple[type[Probe], Params]]]:
     """(spec problems as (location, message), the selected probes with validated parameters)."""
-    from pydantic import ValidationError
+    from ablate.api.plugins import validate_params
 
     problems: list[tuple[str, str]] = []
     selected: list[tuple[type[Probe], Params]] = []
@@ -69,15 +69,10 @@ def probe_problems(spec, registry) -> tuple[list[tuple[str, str]], list[tuple[ty
         except AblateError as exc:
             problems.append((where, str(exc)))
             continue
-        try:
-            selected.append((cls, cls.Params.model_validate(tables.get(name, {}))))
-        except ValidationError as exc:
-            allowed = ", ".join(cls.Params.model_fields) or "none"
-            for e in exc.errors():
-                loc = ".".join(str(p) for p in e["loc"])
-                hint = f" — probe {name!r} accepts: {allowed}" if e["type"] == "extra_forbidden" else ""
-                msg = "unknown key (remove it or check its spelling)" if e["type"] == "extra_forbidden" else e["msg"]
-                problems.append((f"probes.{name}.{loc}" if loc else f"probes.{name}", msg + hint))
+        params, bad = validate_params("probe", "probes", name, cls, tables.get(name, {}))
+        problems += bad
+        if params is not None:
+            selected.append((cls, params))
     owners: dict[str, str] = {}
     for cls, _ in selected:
         for metric in cls.metrics:

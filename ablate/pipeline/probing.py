@@ -18,7 +18,7 @@ from ablate.pipeline import probe_selection
 from ablate.pipeline import stages
 from ablate.pipeline import store
 from ablate.api.components import CellView
-from ablate.config.spec import Spec, sweep_label
+from ablate.config.spec import Spec
 
 
 def pairs(spec: Spec) -> list[tuple[str, str]]:
@@ -27,7 +27,7 @@ def pairs(spec: Spec) -> list[tuple[str, str]]:
     out = []
     by_setting: dict[str, dict[str, str]] = {}
     for c in spec.cells:
-        setting = store.stable_hash({"router": c.router, "objective": c.objective.model_dump(), "sweep": sweep_label(c.name),
+        setting = store.stable_hash({"router": c.router, "objective": c.objective.model_dump(), "sweep": c.sweep_label,
                                      "seed": c.seed})
         by_setting.setdefault(setting, {})[c.oracle] = c.name
     for group in by_setting.values():
@@ -36,9 +36,9 @@ def pairs(spec: Spec) -> list[tuple[str, str]]:
     return out
 
 
-def probe_batches(ctx, corpus) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    from ablate.oracle.hashing import canonical_rows
-
+def probe_batches(ctx, corpus, contract) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Probe batches [B, T+1] from the validation split and their sidecar rows [B, T] under the
+    oracle's row contract (the one the cells trained with)."""
     p = ctx.spec.probes
     seq = p.seq_len or ctx.spec.train.seq_len
     stages.require_tokens(corpus, seq, "probes")
@@ -48,7 +48,7 @@ def probe_batches(ctx, corpus) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         starts = torch.randint(0, corpus.val.numel() - seq, (p.batch,), generator=g)
         b = torch.stack([corpus.val[s:s + seq + 1] for s in starts.tolist()]).to(ctx.device)
         batches.append(b)
-        rows.append(canonical_rows(b[:, :-1], ctx.spec.oracle.rows, ctx.spec.oracle.seeds[0]))
+        rows.append(contract.rows_of(b[:, :-1]))
     return batches, rows
 
 
@@ -79,9 +79,9 @@ def run_probes(ctx, corpus, r_bb, variants, records):
     if cached is not None:
         ctx.ui.info("[green]✓[/] probes cached")
         return cached["cells"], cached["pairs"], [], True
-    batches, rows = probe_batches(ctx, corpus)
+    batches, rows = probe_batches(ctx, corpus, variants["real"].contract)
     views: dict[str, CellView] = {}
-    sidecars = {v: variants[v].sidecar.to(ctx.device) for v in {c.oracle for c in done}}  # one copy per variant
+    sidecars = {v: variants[v].sidecar_on(ctx.device) for v in {c.oracle for c in done}}  # the cells' copies
     for c in done:
         rec = records[c.name]
         student = cellmod.load_trained(ctx.spec, c, rec["dir"], r_bb.path, corpus.vocab_size,

@@ -8,6 +8,8 @@ tasks of one node share its pages, and runs cell_job.run_cell. A task whose work
 (`max_retries`; the cell resumes from its last checkpoint); an exception raised by the cell is not
 retried: it becomes that cell's failure. The driver shows each running cell's progress from its
 status.json; `status_command` (`ablate status RUN`) reads the same files, whichever executor ran.
+With loggers, a task appends its cell's events to runs/<name>/.events/<cell>.jsonl as they happen
+(shared storage, like the cache) and the driver hands them to the loggers at each poll (1 s).
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from ablate.pipeline import store
 from ablate.pipeline.cell_job import CellJob, read_status, remember, run_cell, settled, write_status
 from ablate.api.components import Params
 from ablate.errors import AblateError, InputError, Interrupted
+from ablate.pipeline.events import NO_EVENTS, CellFailed, EventFeed, EventFile
 from ablate.pipeline.executors import Executor
 from ablate.pipeline.ui import QuietUI
 
 MISSING = "the ray executor needs Ray, which is not installed here: pip install 'ablate[ray]'"
 STOP_FILE = ".stop"  # in the run directory while the driver asks its tasks to save and stop
+EVENTS_DIR = ".events"  # in the run directory while loggers listen: <cell>.jsonl, the events its task wrote
 POLL_SECONDS = 1.0
 LOCAL_OBJECT_STORE = 256 * 2**20  # a local Ray carries only jobs and records: a small object store
 
@@ -68,7 +72,7 @@ class RayExecutor(Executor):
         except ImportError:
             raise AblateError(MISSING) from None
         # cells with nothing to train (complete, or failed and not retried) are read back here
-        records = {job.cell: run_cell(job, device, stop, registry, ui) for job in jobs if settled(job)}
+        records = {job.cell: run_cell(job, device, stop, registry, ui, self.events) for job in jobs if settled(job)}
         todo = [job for job in jobs if job.cell not in records]
         if todo:
             started = _connect(ray, self.params)
@@ -76,7 +80,7 @@ class RayExecutor(Executor):
                 gpus = _gpus_per_cell(ray, self.params, device, ui)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()  # the stages' cached blocks would crowd a cell on this node's GPU
-                records |= _dispatch(ray, self.params, gpus, todo, device, stop, registry, ui)
+                records |= _dispatch(ray, self.params, gpus, todo, device, stop, registry, ui, self.events)
             finally:
                 if started:
                     ray.shutdown()
@@ -130,12 +134,17 @@ def _gpus_per_cell(ray, p: RayParams, device: torch.device, ui) -> float:
                       f"num_gpus_per_cell (0: CPU cells) or run with --device cpu.")
 
 
-def _dispatch(ray, p: RayParams, gpus: float, jobs: list[CellJob], device, stop, registry, ui) -> dict[str, dict]:
+def _dispatch(ray, p: RayParams, gpus: float, jobs: list[CellJob], device, stop, registry, ui,
+              events) -> dict[str, dict]:
     run_dir = jobs[0].cell_dir.parent.parent
     stop_file = run_dir / STOP_FILE
     stop_file.unlink(missing_ok=True)
+    feed = EventFeed(run_dir / EVENTS_DIR) if events else None  # the workers' events, read at each poll
+    if feed is not None and feed.dir.exists():  # a killed driver's
+        store.remove_tree(feed.dir, run_dir)
     task = ray.remote(max_calls=1)(_cell_task)  # a fresh process per cell: torch never keeps an earlier task's GPU
-    args = (registry.plugin_files, str(device), gpus, os.getcwd(), max(1, int(p.num_cpus_per_cell)))
+    args = (registry.plugin_files, str(device), gpus, os.getcwd(), max(1, int(p.num_cpus_per_cell)),
+            None if feed is None else str(feed.dir))
     options = dict(num_gpus=gpus, num_cpus=p.num_cpus_per_cell, max_retries=p.max_retries, retry_exceptions=False)
     pending = {task.options(**options, name=f"ablate cell {job.cell}").remote(job.model_dump_json(), *args): job
                for job in jobs}
@@ -148,9 +157,12 @@ def _dispatch(ray, p: RayParams, gpus: float, jobs: list[CellJob], device, stop,
                     job = pending.pop(ref)
                     bars.drop(job.cell)
                     record = _settle(ray, ref, job, stop, ui, p.max_retries)
+                    _deliver(feed, job.cell, events, record)
                     interrupted |= record["status"] == "interrupted"
                     records[job.cell] = record
                 running = {job.cell: _running(job, t0) for job in pending.values()}
+                for job in pending.values():
+                    _deliver(feed, job.cell, events)
                 if stop() and not stop_file.exists():  # tasks save at their next step and return
                     stop_file.write_text(f"{os.getpid()}\n")
                     for ref, job in pending.items():
@@ -165,9 +177,22 @@ def _dispatch(ray, p: RayParams, gpus: float, jobs: list[CellJob], device, stop,
             except Exception:
                 pass
         stop_file.unlink(missing_ok=True)
+        if feed is not None:
+            store.remove_tree(feed.dir, run_dir, ignore_errors=True)
     if interrupted or stop():
         raise Interrupted()
     return {job.cell: records[job.cell] for job in jobs}
+
+
+def _deliver(feed: EventFeed | None, cell: str, events, record: dict | None = None) -> None:
+    """The events a cell's worker wrote since the last look; a failed record its worker could not
+    report (it died, or raised outside the cell's guarded steps) becomes the cell's cell_failed."""
+    if feed is None:
+        return
+    for event in feed.read(cell):
+        events(event)
+    if record is not None and record["status"] == "failed" and cell not in events.settled:
+        events(CellFailed(cell, str(record["error"]), record.get("step")))
 
 
 def _running(job: CellJob, t0: float) -> dict | None:
@@ -274,8 +299,10 @@ class _StopFile:
         return self.set
 
 
-def _cell_task(job_json: str, plugin_files: list[str], device: str, gpus: float, cwd: str, threads: int) -> dict:
-    """One cell in a Ray worker: its record, JSON-safe, with the messages it printed."""
+def _cell_task(job_json: str, plugin_files: list[str], device: str, gpus: float, cwd: str, threads: int,
+               events_dir: str | None = None) -> dict:
+    """One cell in a Ray worker: its record, JSON-safe, with the messages it printed; its events
+    appended to events_dir/<cell>.jsonl (when the run has loggers) as they happen."""
     from ablate.api.plugins import load_registry
 
     host = socket.gethostname()
@@ -299,7 +326,8 @@ def _cell_task(job_json: str, plugin_files: list[str], device: str, gpus: float,
     try:
         with _compile_cache(job, dev, ui):
             stop = _StopFile(job.cell_dir.parent.parent / STOP_FILE)
-            record = run_cell(job, dev, stop, load_registry(plugin_files), ui)
+            events = NO_EVENTS if events_dir is None else EventFile(Path(events_dir) / f"{job.cell}.jsonl", ui.warn)
+            record = run_cell(job, dev, stop, load_registry(plugin_files), ui, events)
     except Interrupted:
         return {"status": "interrupted", "messages": ui.messages}
     return {**record, **({"dir": str(record["dir"])} if "dir" in record else {}), "messages": ui.messages}

@@ -42,6 +42,18 @@ _NOT_COMPUTATION = {"ablate", "ablate.errors", "ablate.api.components", "ablate.
 
 
 @dataclass
+class StageContext:
+    """What every stage reads besides its inputs: the cache directory, the validated spec, the
+    device, the UI and whether --fresh asked to recompute."""
+
+    cache: Path
+    spec: Any
+    device: Any
+    ui: Any
+    fresh: bool = False
+
+
+@dataclass
 class StageResult:
     name: str
     key: str
@@ -235,11 +247,12 @@ def _timed(name, key, path, cached, t0, info, digest) -> StageResult:
 
 
 def corpus_key(corpus_cls, params) -> str:
-    return stage_key("corpus", {"plugin": corpus_cls.name, "params": params.model_dump(mode="json")}, {},
-                     (corpus_cls.__module__,))
+    return component_stage_key("corpus", {"plugin": corpus_cls.name, "params": params.model_dump(mode="json")}, {},
+                               (corpus_cls,))
 
 
-def corpus_stage(cache: Path, corpus_cls, params, ui, fresh: bool = False) -> tuple[StageResult, TokenCorpus]:
+def corpus_stage(ctx: StageContext, corpus_cls, params) -> tuple[StageResult, TokenCorpus]:
+    cache, ui, fresh = ctx.cache, ctx.ui, ctx.fresh
     t0 = time.perf_counter()
     key = corpus_key(corpus_cls, params)
 
@@ -350,12 +363,12 @@ def check_backbone_checkpoint(spec) -> None:
     check_reference(spec.backbone.checkpoint, spec.backbone.architecture())
 
 
-def backbone_stage(cache: Path, spec, corpus_stage_: StageResult, corpus: TokenCorpus, device, ui,
-                   fresh: bool = False) -> StageResult:
+def backbone_stage(ctx: StageContext, corpus_stage_: StageResult, corpus: TokenCorpus) -> StageResult:
     from ablate.training.lm_pretrain import pretrain_lm
     from ablate.model.backbone import Backbone
     from ablate.model.checkpoint import checkpoint_format, load_backbone, save_backbone
 
+    cache, spec, device, ui, fresh = ctx.cache, ctx.spec, ctx.device, ctx.ui, ctx.fresh
     t0 = time.perf_counter()
     config = backbone_config(spec, corpus.vocab_size)
     bb = spec.backbone
@@ -400,12 +413,12 @@ def backbone_stage(cache: Path, spec, corpus_stage_: StageResult, corpus: TokenC
 def teacher_key(teacher, corpus_key_: str, seed: int) -> str:
     params = teacher.params.model_dump(mode="json", exclude={"tokenizer_mismatch"})  # a check, not the teacher
     config = {"plugin": teacher.name, "params": params, "seed": seed}
-    return stage_key("teacher", config, {"corpus": corpus_key_}, (type(teacher).__module__,))
+    return component_stage_key("teacher", config, {"corpus": corpus_key_}, (type(teacher),))
 
 
-def teacher_stage(cache: Path, teacher, corpus_stage_: StageResult, corpus: TokenCorpus, device, seed, ui,
-                  fresh: bool = False):
+def teacher_stage(ctx: StageContext, teacher, corpus_stage_: StageResult, corpus: TokenCorpus):
     """Prepare (e.g. train and save) the teacher; returns the stage result and a context for load()."""
+    cache, device, seed, ui, fresh = ctx.cache, ctx.device, ctx.spec.seed, ctx.ui, ctx.fresh
     t0 = time.perf_counter()
     key = teacher_key(teacher, corpus_stage_.key, seed)
 
@@ -425,11 +438,7 @@ def teacher_stage(cache: Path, teacher, corpus_stage_: StageResult, corpus: Toke
 def oracle_config(spec):
     from ablate.oracle.build import OracleConfig
 
-    o = spec.oracle
-    return OracleConfig(rows=o.rows, engram_dim=o.engram_dim, seeds=tuple(o.seeds), orders=tuple(o.orders),
-                        batch=o.batch, seq_len=o.seq_len, pca_sample_min=o.pca_sample_min,
-                        pca_sample_frac=o.pca_sample_frac, pca_seed=o.pca_seed, shuffle_seed=o.shuffle_seed,
-                        cos_sample=o.cos_sample, max_tokens=o.max_tokens, numerics=spec.numerics)
+    return OracleConfig(**spec.oracle.model_dump(), numerics=spec.numerics)
 
 
 _ORACLE_FILE_FIELDS = {"source", "table", "sidecar", "stats", "shuffled_table", "shuffled_sidecar"}
@@ -457,8 +466,9 @@ def oracle_key(spec, teacher_key_: str, corpus_key_: str, vocab: int | None = No
 CONTROL_SEEDS = ("shuffle_seed", "gaussian_seed")
 
 
-def oracle_stage(cache: Path, spec, teacher, teacher_stage_: StageResult, teacher_ctx, corpus_stage_: StageResult,
-                 corpus: TokenCorpus, device, ui, fresh: bool = False):
+def oracle_stage(ctx: StageContext, teacher, teacher_stage_: StageResult, teacher_ctx, corpus_stage_: StageResult,
+                 corpus: TokenCorpus):
+    cache, spec, device, ui, fresh = ctx.cache, ctx.spec, ctx.device, ctx.ui, ctx.fresh
     from ablate.oracle.build import SIDECAR_FILE, TABLE_FILE, build_oracle, load_oracle, save_oracle
 
     t0 = time.perf_counter()

@@ -23,7 +23,6 @@ from typing import Any, Iterable
 from ablate.report import plots
 
 from ablate.pipeline import store
-from ablate.config.spec import base_name, seed_group
 from ablate.verdicts.verdict import (OUTER_SOFT, OUTER_SOFT_TEACHER, UNDECIDED_LABEL, agreement, describe_rule, fmt, fmt_gap,
                             fmt_rate, label_text, outer_cell, outer_reading, per_seed_text, read_battery, row_decimals,
                             rubric_metrics, run_reading)
@@ -827,6 +826,9 @@ def cell_matches(runs: list[dict]) -> list[tuple[str, ...]]:
         cfg = cell.get("config", {})
         return cfg.get("router"), cfg.get("oracle")
 
+    def base(cell: dict, name: str) -> str:
+        return cell.get("config", {}).get("base") or name
+
     out: list[tuple[str, ...]] = []
     for name, cell in runs[0]["cells"].items():
         options = []
@@ -834,7 +836,7 @@ def cell_matches(runs: list[dict]) -> list[tuple[str, ...]]:
             if name in run["cells"]:
                 options.append([name])
             else:
-                options.append([n for n, c in run["cells"].items() if base_name(n) == base_name(name) and role(c) == role(cell)])
+                options.append([n for n, c in run["cells"].items() if base(c, n) == base(cell, name) and role(c) == role(cell)])
         out += [(name, *combo) for combo in itertools.product(*options)]
     return out
 
@@ -879,7 +881,8 @@ def _compare_verdicts(runs: list[dict], labels: list[str]) -> str:
             lines.append(f"- {what} {where}: " + " → ".join(f"{s} ({lab})" for s, lab in zip(seq, labels)))
 
     # a run over seeds reads its verdicts per seed group: its cells `x@seed=N` meet by the group `x`
-    matches = list(dict.fromkeys(tuple(seed_group(n) for n in names) for names in cell_matches(runs)))
+    matches = list(dict.fromkeys(tuple(run["cells"][n].get("config", {}).get("seed_group") or n for run, n in zip(runs, names))
+                                 for names in cell_matches(runs)))
     for names in matches:
         where = _match_title(names, labels)
         for th in threshold_names:

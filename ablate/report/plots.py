@@ -13,6 +13,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ablate.verdicts.verdict import break_region
+
 BREAK_COLOUR, HOLD_COLOUR, MISSING_COLOUR = "#c0392b", "#27ae60", "#7f8c8d"
 
 
@@ -72,14 +74,8 @@ def router_curves(cells: dict[str, dict], path: Path) -> bool:
 
 
 def _break_spans(kind: str, bounds: list[float], lo: float, hi: float) -> list[tuple[float, float]]:
-    """The BREAK region of a rule clipped to the drawn x-range [lo, hi]."""
-    if kind in ("below", "at_most"):
-        return [(lo, bounds[0])]
-    if kind in ("above", "at_least"):
-        return [(bounds[0], hi)]
-    if kind == "outside":
-        return [(lo, bounds[0]), (bounds[1], hi)]
-    return [(bounds[0], bounds[1])]
+    """The BREAK region of a rule (verdict.break_region) clipped to the drawn x-range [lo, hi]."""
+    return [(max(a, lo), min(b, hi)) for a, b, _, _ in break_region(kind, bounds)]
 
 
 def threshold_bands(thresholds: list[dict[str, Any]], path: Path) -> bool:

@@ -6,6 +6,9 @@ and aux losses, but CE and KL from float32 full-vocabulary log-softmaxes of [B, 
 with the sidecar rows gathered for every position at once. Before timing, both compute the
 loss of one batch from identical weights, so the comparison is of equal work.
 
+Muon: the update alone, batched (one Newton–Schulz per shape group, the default) against the
+per-matrix optimiser, on the same matrices and gradients (`bench_muon`).
+
 Oracle pass: `ablate.oracle.build.accumulate` (teacher forward, hashing, sidecar and hidden-state
 accumulation) with a randomly initialised TinyLlama-1.1B-shaped Llama in bf16, and the teacher
 forward alone as its floor.
@@ -31,7 +34,7 @@ from rich.table import Table
 
 from ablate.api.components import ObjectiveContext
 from ablate.errors import InputError
-from ablate.oracle.hashing import canonical_rows
+from ablate.oracle.hashing import RowContract
 from ablate.model.backbone import Backbone, BackboneConfig
 from ablate.model.student import EngramConfig, Student
 from ablate.training.optim import CellOptimizer, wsd_multiplier
@@ -223,7 +226,7 @@ def train_config(size: BenchSize, precision: str) -> TrainConfig:
     evaluation inside the timed steps."""
     return TrainConfig(steps=size.warmup + size.steps, batch=size.batch, seq_len=size.seq_len,
                        warmup=1, aux_warmup=1, eval_every=10**9, precision=precision,
-                       n_rows=size.rows, name="bench")
+                       row_contract=RowContract(rows=size.rows, seed=42), name="bench")
 
 
 def make_objective(size: BenchSize, inputs: CellInputs, router: bool):
@@ -245,13 +248,14 @@ class NaiveStep:
                  device: torch.device):
         self.student, self.sidecar, self.cfg, self.lam = student, inputs.sidecar, cfg, lam
         self.params = dict(student.trainable_named_parameters())
-        self.optimizer = CellOptimizer(self.params.items(), cfg.lr)
+        # the per-matrix Muon (torch.optim.Muon), as before batching: the naive step stays the plain one
+        self.optimizer = CellOptimizer(self.params.items(), cfg.lr, batched=False)
         self.sampler = WindowSampler(inputs.train, cfg.batch, cfg.seq_len, cfg.data_seed, device)
         self.autocast, _ = autocast_for(device, cfg.precision)
 
     def loss(self, s: int, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        rows = canonical_rows(inputs, cfg.n_rows, cfg.kl_seed)
+        rows = cfg.row_contract.rows_of(inputs)
         with self.autocast():
             out = self.student(inputs, aux=True)
         log_p = F.log_softmax(out.logits.float(), dim=-1)
@@ -308,8 +312,8 @@ def bench_cells(size: BenchSize, device: torch.device, peak: float | None) -> di
     ablate_loss = run.losses(cfg.aux_warmup, *batch, log_step=False).loss.item()
     first_call_s = time.perf_counter() - t  # includes compiling the training graphs on CUDA
     rel = abs(ablate_loss - naive_loss) / max(abs(naive_loss), 1e-12)
-    rows_equal = torch.equal(compiled_canonical_rows(batch[0], cfg.n_rows, cfg.kl_seed),
-                             canonical_rows(batch[0], cfg.n_rows, cfg.kl_seed))
+    rows_equal = torch.equal(compiled_canonical_rows(batch[0], cfg.row_contract.rows, cfg.row_contract.seed),
+                             cfg.row_contract.rows_of(batch[0]))
     check = {"ablate_loss": ablate_loss, "naive_loss": naive_loss, "relative_difference": rel,
              "tolerance": size.tolerance[precision], "kl_rows_equal": rows_equal,
              "first_call_s": first_call_s,
@@ -338,6 +342,56 @@ def bench_cells(size: BenchSize, device: torch.device, peak: float | None) -> di
             "loss_check": check, "ablate": ablate_t, "naive": naive_t, "ratios": ratios,
             "router_off_ablate": off_t, "eval_ms_per_batch": eval_t["ms_per_step"],
             "eval_warmup_s": eval_t["warmup_s"]}
+
+
+# ------------------------------------------------------------------------------------ Muon
+
+
+def bench_muon(size: BenchSize, device: torch.device, steps: int | None = None) -> dict:
+    """The Muon update alone (Adam and everything else left out) on the router-on student's Muon
+    matrices, batched (one Newton–Schulz per shape group, the default) against per-matrix
+    (torch.optim.Muon; ReferenceMuon under "upstream"), for each numerics: the same fixed gradients
+    every step, the same number of steps, then the two parameter sets compared (equal work)."""
+    from ablate.training.optim import BatchedMuon, partition
+
+    torch.manual_seed(0)
+    student = Student(Backbone(size.backbone), replace(size.engram, router=True),
+                      torch.randn(size.rows, size.engram.engram_dim))
+    student.freeze_backbone()
+    named = [(n, p) for n, p in student.trainable_named_parameters()]
+    matrices, _ = partition(named)
+    names = {id(p): n for n, p in named}
+    g = torch.Generator().manual_seed(1)
+    init = [p.detach().to(device) for p in matrices]
+    grads = [1e-3 * torch.randn(p.shape, generator=g).to(device) for p in matrices]
+    n_steps = steps or max(size.steps, 2)
+    result: dict = {"matrices": len(matrices),
+                    "shape_groups": len(BatchedMuon.shape_groups(matrices)),
+                    "shapes": sorted({tuple(p.shape) for p in matrices})}
+    for numerics in ("ablate", "upstream"):
+        timings, finals = {}, {}
+        for kind, batched in (("batched", True), ("per_matrix", False)):
+            params = [torch.nn.Parameter(t.clone()) for t in init]
+            opt = CellOptimizer([(names[id(m)], p) for m, p in zip(matrices, params)], 9e-4, numerics,
+                                batched=batched)
+
+            def step(_s: int, opt=opt, params=params) -> None:
+                for p, grad in zip(params, grads):
+                    p.grad = grad
+                opt.muon.step()
+
+            timings[kind] = time_steps(step, size.warmup, n_steps, device)
+            finals[kind] = [p.detach().double() for p in params]
+        diffs = [float((b - s).norm() / (s - t.double()).norm().clamp(min=1e-30))
+                 for b, s, t in zip(finals["batched"], finals["per_matrix"], init)]
+        tolerance = 2e-5 if numerics == "upstream" else 1e-2  # float32 / bf16 Newton–Schulz
+        result[numerics] = {
+            "batched_ms_per_step": timings["batched"]["ms_per_step"],
+            "per_matrix_ms_per_step": timings["per_matrix"]["ms_per_step"],
+            "speedup": timings["per_matrix"]["ms_per_step"] / timings["batched"]["ms_per_step"],
+            "max_relative_update_difference": max(diffs), "tolerance": tolerance, "ok": max(diffs) <= tolerance,
+            "steps": size.warmup + n_steps}
+    return result
 
 
 # ---------------------------------------------------------------------------------- oracle
@@ -453,6 +507,13 @@ def render_table(result: dict) -> Table:
     o = cells["router_off_ablate"]
     table.add_row("cell step, router off (CE)", _fmt(o["ms_per_step"], ".2f"),
                   _fmt(o["tokens_per_s"], ",.0f"), _fmt(o["mfu"], ".1%"), memory(o), "")
+    mu = result.get("muon")
+    for numerics, what in (("ablate", "bf16"), ("upstream", "float32")) if mu else ():
+        m = mu[numerics]
+        table.add_row(f"Muon step alone, batched ({mu['shape_groups']} groups, {what})",
+                      _fmt(m["batched_ms_per_step"], ".3f"), "", "", "",
+                      f"{m['speedup']:.2f}× vs per-matrix ({m['per_matrix_ms_per_step']:.3f} ms, "
+                      f"{mu['matrices']} matrices){'' if m['ok'] else ', MISMATCH'}")
     if result.get("oracle"):
         q = result["oracle"]
         table.add_row("oracle pass (incl. hashing + accumulation)", "", _fmt(q["tokens_per_s"], ",.0f"),
@@ -492,6 +553,7 @@ def run_bench(size_name: str, device: torch.device, steps: int | None = None,
                              "lambda": size.lam, "timed_steps": size.steps,
                              "warmup_steps": size.warmup, "teacher": size.teacher}}
     result["cells"] = bench_cells(size, device, peak)
+    result["muon"] = bench_muon(size, device)
     result["oracle"] = bench_oracle(size, device, peak) if oracle else None
     result["full_matrix_estimate"] = full_matrix_estimate(result["cells"])
     result["reference_cell_step_ms"] = REFERENCE_CELL_STEP_MS
@@ -508,5 +570,6 @@ def bench_command(args, console) -> int:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     console.print(render_table(result))
     console.print(f"results: {args.out}")
-    return 0 if result["cells"]["loss_check"]["ok"] else 1
+    muon_ok = all(result["muon"][n]["ok"] for n in ("ablate", "upstream"))
+    return 0 if result["cells"]["loss_check"]["ok"] and muon_ok else 1
 

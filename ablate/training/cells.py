@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,23 @@ from ablate.errors import InputError
 
 @dataclass
 class OracleVariant:
-    """What a cell's student retrieves from and what its KL term targets."""
+    """What a cell's student retrieves from and what its KL term targets, with the oracle's row
+    contract. `copies` is shared by the variants of one oracle and holds the last sidecar sent to a
+    device (variant.sidecar_on): consecutive cells of a variant, and the probes after them, read that
+    one copy; the cache never keeps a second [N, V] tensor on the device alive."""
 
     table: torch.Tensor  # [N, E]
-    sidecar: torch.Tensor  # [N, V]
+    sidecar: torch.Tensor  # [N, V] on the host
+    contract: Any  # ablate.oracle.hashing.RowContract
+    copies: dict = field(default_factory=dict, repr=False)
+
+    def sidecar_on(self, device) -> torch.Tensor:
+        """sidecar [N, V] on `device` (shuffled and gaussian share one sidecar, hence one copy)."""
+        key = (id(self.sidecar), str(torch.device(device)))
+        if key not in self.copies:
+            self.copies.clear()
+            self.copies[key] = self.sidecar.to(device)
+        return self.copies[key]
 
 
 def oracle_variants(oracle, spec) -> dict[str, OracleVariant]:
@@ -45,10 +58,11 @@ def oracle_variants(oracle, spec) -> dict[str, OracleVariant]:
     # upstream trains against the sidecar as saved, in bfloat16 (§11.3); ablate keeps float32
     sidecar_dtype = torch.bfloat16 if spec.numerics == "upstream" else torch.float32
     real_sidecar, shuf_sidecar = oracle.sidecar.to(sidecar_dtype), shuf.sidecar.to(sidecar_dtype)
+    contract, copies = oracle.row_contract, {}
     return {
-        "real": OracleVariant(oracle.table, real_sidecar),
-        "shuffled": OracleVariant(shuf.table, shuf_sidecar),
-        "gaussian": OracleVariant(gaussian_twin(oracle.table, spec.oracle.gaussian_seed), shuf_sidecar),
+        "real": OracleVariant(oracle.table, real_sidecar, contract, copies),
+        "shuffled": OracleVariant(shuf.table, shuf_sidecar, contract, copies),
+        "gaussian": OracleVariant(gaussian_twin(oracle.table, spec.oracle.gaussian_seed), shuf_sidecar, contract, copies),
     }
 
 
@@ -61,17 +75,13 @@ def engram_config(spec, cell):
                         alpha_init=m.alpha_init, numerics=spec.numerics)
 
 
-def train_config(spec, cell, device):
+def train_config(spec, cell, contract):
+    """[train] resolved for one cell; contract: the oracle's row contract (OracleVariant.contract)."""
     from ablate.training.train import TrainConfig
 
-    t = spec.train
-    return TrainConfig(steps=t.steps, batch=t.batch, seq_len=t.seq_len, lr=t.lr, warmup=t.warmup,
-                       decay_frac=t.decay_frac, grad_clip=t.grad_clip, eval_every=t.eval_every,
-                       eval_batches=t.eval_batches, log_every=t.log_every, precision=t.precision,
-                       vcontrast_weight=t.vcontrast_weight, qdiv_weight=t.qdiv_weight, aux_warmup=t.aux_warmup,
-                       data_seed=training_seeds(spec, cell)[1], val_seed=t.val_seed, kl_seed=spec.oracle.seeds[0],
-                       n_rows=spec.oracle.rows, checkpoint_every=t.checkpoint_every,
-                       compile=compile_cells(spec), numerics=spec.numerics, name=cell.name)
+    return TrainConfig(**spec.train.model_dump(exclude={"compile", "data_seed"}), name=cell.name,
+                       data_seed=training_seeds(spec, cell)[1], row_contract=contract, compile=compile_cells(spec),
+                       numerics=spec.numerics)
 
 
 def training_seeds(spec, cell) -> tuple[int, int]:
@@ -143,10 +153,11 @@ STATE_FILE = "state.safetensors"
 
 def cell_key(spec, cell, inputs: dict[str, str], objective_cls) -> str:
     """inputs: the keys of the backbone and oracle stages; the objective's code is part of the key."""
-    from ablate.pipeline.stages import stage_key
+    from ablate.pipeline.stages import component_stage_key
 
-    # a cell without a seed is keyed as before the field existed, so its cached results stay valid
-    cell_config = cell.model_dump(mode="json", exclude={"seed"} if cell.seed is None else None)
+    # a cell without a seed is keyed as before the field existed, so its cached results stay valid;
+    # base and sweep are what the name already says
+    cell_config = cell.model_dump(mode="json", exclude={"base", "sweep"} | ({"seed"} if cell.seed is None else set()))
     config = {"cell": cell_config, "train": spec.train.model_dump(exclude=_KEY_EXEMPT_TRAIN),
               "model": spec.model.model_dump()}
     if spec.numerics != "ablate":  # only then: keys of cells trained before the field existed stay valid
@@ -155,7 +166,7 @@ def cell_key(spec, cell, inputs: dict[str, str], objective_cls) -> str:
         config["init_adapters"] = True
     if cell.oracle != "real":  # a control variant is drawn from the oracle with these seeds (oracle_variants)
         config["control_seeds"] = [spec.oracle.shuffle_seed, spec.oracle.gaussian_seed]
-    return stage_key("cell", config, inputs, (objective_cls.__module__,))
+    return component_stage_key("cell", config, inputs, (objective_cls,))
 
 
 def identity(key: str, input_digests: dict[str, str | None]) -> dict:

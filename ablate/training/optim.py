@@ -20,6 +20,15 @@ rows/cols)·X):
   fp32 weight. The reference runs them in float32 (reference §11.4: ≈2% relative difference per
   update); `numerics = "upstream"` uses `ReferenceMuon`, the reference's update exactly as §5.2
   writes it, in float32 (torch.optim.Muon has no float32 Newton–Schulz, hence our own).
+- Batching (`BatchedMuon`, the default): the matrices are grouped by their Newton–Schulz shape (a
+  tall matrix enters transposed, so 512×128 and 128×512 weights share a group) and each group is
+  orthogonalised as one stack of batched matrix products per step, instead of one Newton–Schulz
+  per matrix (the per-matrix path launches ~35 kernels for each of 11 matrices; docs/performance.md).
+  The arithmetic is the per-matrix optimiser's, matrix by matrix: under numerics = "ablate"
+  torch.optim.Muon's (EMA buffer, bf16 iterations, clamped norm), under "upstream" ReferenceMuon's
+  (float32); the momentum buffers stay one per parameter, so saved states load into either.
+  `CellOptimizer(..., batched=False)` keeps the per-matrix optimisers (the reference the tests and
+  `ablate bench` compare against).
 """
 
 from __future__ import annotations
@@ -93,14 +102,124 @@ class ReferenceMuon(torch.optim.Optimizer):
                 p.add_(newton_schulz(buffer).to(p.dtype), alpha=-group["lr"] * scale)
 
 
+def newton_schulz_batched(x: torch.Tensor, steps: int = MUON_NS_STEPS, eps: float = REFERENCE_NS_EPS,
+                          clamp: bool = False) -> torch.Tensor:
+    """`steps` quintic Newton–Schulz iterations on a stack [G, rows, cols] with rows ≤ cols (callers
+    transpose tall matrices), in x's dtype, each matrix normalised by its own Frobenius norm:
+    X/(‖X‖_F + eps) as the reference writes it, or X/max(‖X‖_F, eps) as torch.optim.Muon does
+    (`clamp`). Per matrix the same products as `newton_schulz` / torch's, batched."""
+    a, b, c = MUON_NS_COEFFICIENTS
+    norm = torch.linalg.matrix_norm(x, keepdim=True)
+    if clamp:  # torch.optim.Muon's operations, batched
+        x = x / norm.clamp(min=eps)
+        for _ in range(steps):
+            gram = torch.bmm(x, x.mT)
+            update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·G + c·G·G
+            x = torch.baddbmm(x, update, x, beta=a)  # a·X + (b·G + c·G²)·X
+        return x
+    x = x / (norm + eps)  # the reference's operations (`newton_schulz`), batched
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x
+
+
+class BatchedMuon(torch.optim.Optimizer):
+    """Muon with one Newton–Schulz per group of same-shaped matrices per step (module docstring).
+
+    numerics "ablate": torch.optim.Muon(nesterov=False, weight_decay=0, adjust_lr_fn="original",
+    eps=(1 − momentum)·1e-7) batched: buffer ← lerp(buffer, grad, 1 − momentum); X = NS₅ of the
+    buffer in bf16 with X/max(‖X‖, eps); p ← p − lr·√max(1, rows/cols)·X.
+    numerics "upstream": ReferenceMuon batched, in float32: buffer ← momentum·buffer + grad;
+    X = NS₅(buffer) with X/(‖X‖ + 1e-7); the same step.
+    The param-group keys are torch.optim.Muon's, so a state saved by either loads into the other
+    (step reads only lr and momentum from a group).
+    """
+
+    def __init__(self, params, lr: float, momentum: float = MUON_MOMENTUM, numerics: str = "ablate"):
+        if numerics not in ("ablate", "upstream"):
+            raise InputError(f'numerics must be "ablate" or "upstream" (got {numerics!r}).')
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": 0.0, "nesterov": False,
+                    "ns_coefficients": MUON_NS_COEFFICIENTS, "ns_steps": MUON_NS_STEPS,
+                    "eps": (1 - momentum) * REFERENCE_NS_EPS if numerics == "ablate" else REFERENCE_NS_EPS,
+                    "adjust_lr_fn": "original"}
+        super().__init__(params, defaults)
+        self.numerics = numerics
+        # read from here, not from the groups: a state saved by ReferenceMuon brings groups without it
+        self.eps = defaults["eps"]
+        self._scales: dict[tuple, torch.Tensor] = {}  # group key → [G, 1, 1] √max(1, rows/cols)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise InputError(f"Muon updates 2-D weights only; got a parameter of shape {tuple(p.shape)}.")
+
+    @staticmethod
+    def shape_groups(params: list[nn.Parameter]) -> dict[tuple, list[nn.Parameter]]:
+        """Parameters grouped by (device, dtype, Newton–Schulz shape): (rows, cols) with rows ≤ cols,
+        a tall matrix counted transposed. Order within a group follows `params`."""
+        groups: dict[tuple, list[nn.Parameter]] = {}
+        for p in params:
+            rows, cols = p.shape
+            groups.setdefault((p.device, p.dtype, min(rows, cols), max(rows, cols)), []).append(p)
+        return groups
+
+    def _scale(self, key: tuple, params: list[nn.Parameter]) -> torch.Tensor:
+        """[G, 1, 1] float32 √max(1, rows/cols) per matrix (the lr adjustment), cached per group."""
+        shapes = tuple(tuple(p.shape) for p in params)
+        cached = self._scales.get((key, shapes))
+        if cached is None:
+            cached = torch.tensor([math.sqrt(max(1.0, r / c)) for r, c in shapes], dtype=torch.float32,
+                                  device=params[0].device).view(-1, 1, 1)
+            self._scales[(key, shapes)] = cached
+        return cached
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        upstream = self.numerics == "upstream"
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            momentum = group["momentum"]
+            buffers = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = (torch.zeros_like(p, dtype=torch.float32) if upstream
+                                                else torch.zeros_like(p.grad, memory_format=torch.preserve_format))
+                buffers.append(state["momentum_buffer"])
+            grads = [p.grad for p in params]
+            if upstream:  # buffer ← momentum·buffer + grad, in float32
+                torch._foreach_mul_(buffers, momentum)
+                torch._foreach_add_(buffers, [g.float() for g in grads])
+            else:  # torch.optim.Muon's EMA: buffer ← buffer + (1 − momentum)·(grad − buffer)
+                torch._foreach_lerp_(buffers, grads, 1 - momentum)
+            index = {id(p): i for i, p in enumerate(params)}
+            for key, members in self.shape_groups(params).items():
+                stack = torch.stack([buffers[index[id(p)]].mT if p.shape[0] > p.shape[1] else buffers[index[id(p)]]
+                                     for p in members])
+                stack = stack.float() if upstream else stack.bfloat16()
+                ortho = newton_schulz_batched(stack, MUON_NS_STEPS, self.eps, clamp=not upstream)
+                # × √max(1, rows/cols), in float32 (bf16 × float32 promotes; exact for the factors 1
+                # and 2 of the engram weights), then p ← p − lr·update for the whole group at once
+                ortho = ortho * self._scale(key, members)
+                updates = [(u.mT if p.shape[0] > p.shape[1] else u).to(p.dtype)
+                           for p, u in zip(members, ortho.unbind(0))]
+                torch._foreach_add_(members, updates, alpha=-group["lr"])
+
+
 class CellOptimizer:
     """Muon + Adam sharing one learning rate, driven as one optimiser.
 
     named_params: (name, parameter) pairs of the trainable parameters (see `partition`).
-    numerics: "ablate" (torch.optim.Muon, bf16 Newton–Schulz) or "upstream" (ReferenceMuon).
+    numerics: "ablate" (torch.optim.Muon's arithmetic, bf16 Newton–Schulz) or "upstream"
+    (ReferenceMuon's, float32). batched: one Newton–Schulz per group of same-shaped matrices
+    (BatchedMuon, the default); False: the per-matrix optimisers (torch.optim.Muon /
+    ReferenceMuon), the reference the tests and the bench compare against.
     """
 
-    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], lr: float, numerics: str = "ablate"):
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], lr: float, numerics: str = "ablate",
+                 batched: bool = True):
         muon_params, adam_params = partition(named_params)
         if not muon_params and not adam_params:
             raise InputError(
@@ -109,6 +228,8 @@ class CellOptimizer:
             )
         if not muon_params:
             self.muon = None
+        elif batched:
+            self.muon = BatchedMuon(muon_params, lr=lr, numerics=numerics)
         elif numerics == "upstream":
             self.muon = ReferenceMuon(muon_params, lr=lr)
         else:

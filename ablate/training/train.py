@@ -35,7 +35,7 @@ import contextlib
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
@@ -43,8 +43,9 @@ import torch.nn.functional as F
 
 from ablate.training import fastpath
 from ablate.api.components import Objective, ObjectiveBatch
+from ablate.config.spec import TrainSpec
 from ablate.errors import InputError, NumericalFault, PluginFault
-from ablate.oracle.hashing import canonical_rows
+from ablate.oracle.hashing import RowContract, canonical_rows
 from ablate.training.losses import cross_entropy
 from ablate.training.optim import CellOptimizer, wsd_multiplier
 
@@ -55,47 +56,16 @@ _NEVER = torch.iinfo(torch.int64).max  # "no non-finite value seen yet"
 compiled_canonical_rows = fastpath.dispatch_compiled(canonical_rows)  # one fused graph on CUDA
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 2000
-    batch: int = 4
-    seq_len: int = 2048
-    lr: float = 9e-4
-    warmup: int = 100
-    decay_frac: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 250
-    eval_batches: int = 10
-    log_every: int = 10
-    precision: Literal["fp32", "bf16"] = "bf16"
-    vcontrast_weight: float = 1.0
-    qdiv_weight: float = 0.01
-    aux_warmup: int = 200
-    data_seed: int = 42
-    val_seed: int = 43
-    kl_seed: int = 42  # hash seed of the canonical sidecar row (§2.2)
-    n_rows: int = 0  # sidecar / oracle rows; set by the caller when a sidecar is used
-    checkpoint_every: int = 0  # 0 = save state only at the end
-    compile: bool = True  # compile the hot paths where fastpath.enabled_for the device
-    numerics: str = "ablate"  # "upstream": the reference's float32 Muon (ablate.training.optim.ReferenceMuon)
-    name: str = "cell"
+class TrainConfig(TrainSpec):
+    """The spec's [train] section resolved for one cell (cells.train_config): TrainSpec's fields and
+    validation, plus the cell's name, its data seed (train.data_seed offset by the cell's seed),
+    the sidecar's canonical hash seed and row count, whether the hot paths compile here, and the
+    numerics."""
 
-    def __post_init__(self) -> None:
-        positive = ("steps", "batch", "seq_len", "eval_every", "eval_batches", "log_every")
-        problems = [f"{k} must be ≥ 1 (got {getattr(self, k)!r})" for k in positive
-                    if getattr(self, k) < 1]
-        problems += [f"{k} must be ≥ 0 (got {getattr(self, k)!r})"
-                     for k in ("warmup", "aux_warmup", "checkpoint_every", "n_rows")
-                     if getattr(self, k) < 0]
-        if not self.grad_clip > 0:
-            problems.append(f"grad_clip must be > 0 (got {self.grad_clip!r})")
-        if not 0.0 <= self.decay_frac <= 1.0:
-            problems.append(f"decay_frac must lie in [0, 1] (got {self.decay_frac!r})")
-        if self.precision not in ("fp32", "bf16"):
-            problems.append(f'precision must be "fp32" or "bf16" (got {self.precision!r})')
-        if problems:
-            raise InputError(f"Training config for cell {self.name!r} is invalid: "
-                             + "; ".join(problems) + ". Fix these values in the spec's train section.")
+    name: str = "cell"
+    row_contract: RowContract | None = None  # the oracle's: which sidecar row a position reads; None: no sidecar
+    compile: bool = True  # compile the hot paths where fastpath.enabled_for the device
+    numerics: Literal["ablate", "upstream"] = "ablate"  # "upstream": the reference's float32 Muon
 
 
 @dataclass
@@ -320,11 +290,12 @@ class CellRun:
                              f"given for cell {cfg.name!r}; build the oracle with its sidecar.")
         if sidecar is not None:
             vocab = self.student.backbone.lm_head_weight.shape[0]
-            if sidecar.dim() != 2 or sidecar.shape[0] != cfg.n_rows or sidecar.shape[1] != vocab:
+            rows = cfg.row_contract.rows if cfg.row_contract is not None else None
+            if sidecar.dim() != 2 or sidecar.shape[0] != rows or sidecar.shape[1] != vocab:
                 raise InputError(
                     f"The sidecar has shape {tuple(sidecar.shape)} but cell {cfg.name!r} expects "
-                    f"[n_rows={cfg.n_rows}, vocab={vocab}]; rebuild the oracle for this corpus "
-                    "and student, or set n_rows to the oracle's row count.")
+                    f"[rows={rows}, vocab={vocab}] (the row contract's rows); rebuild the oracle for this "
+                    "corpus and student, or give the cell the oracle's row contract.")
 
     def state(self) -> dict[str, Any]:
         """Everything needed to resume exactly (CPU copies)."""
@@ -334,7 +305,7 @@ class CellRun:
         return _to_cpu({
             "step": self.step,
             "complete": self.complete,
-            "config": asdict(self.cfg),
+            "config": self.cfg.model_dump(),
             "student": {n: p for n, p in self.params.items()},
             "optimizer": self.optimizer.state_dict(),
             "samplers": {"train": self.train_sampler.state_dict(),
@@ -346,7 +317,7 @@ class CellRun:
 
     def restore(self, state: dict[str, Any]) -> None:
         saved_cfg = state["config"]
-        differing = sorted(k for k, v in asdict(self.cfg).items()
+        differing = sorted(k for k, v in self.cfg.model_dump().items()
                            if k not in _RESUMABLE_CONFIG_CHANGES and saved_cfg.get(k) != v)
         if differing:
             raise InputError(f"The resume state of cell {self.cfg.name!r} was written with a "
@@ -397,7 +368,8 @@ class CellRun:
         want_rows = self.objective.needs_sidecar or (
             log_step and self.sidecar is not None and self.router is not None)
         hash_rows = compiled_canonical_rows if self.compiled else canonical_rows
-        rows = hash_rows(inputs, cfg.n_rows, cfg.kl_seed) if want_rows else None
+        contract = cfg.row_contract
+        rows = hash_rows(inputs, contract.rows, contract.seed) if want_rows else None
         with self.autocast():
             out = self.student(inputs, aux=True)
             batch = ObjectiveBatch(logits=out.logits, targets=targets, tokens=inputs,

@@ -13,10 +13,10 @@ from ablate.pipeline import meter
 from ablate.report import provenance
 
 from ablate.pipeline import stages
-from ablate.config.spec import SEED_KEY, Spec, base_name, cells_for, seed_group, seed_groups, sweep_label
+from ablate.config.spec import SEED_KEY, Spec, cells_for, seed_groups
+from ablate.verdicts.schema import RESULTS_SCHEMA_VERSION, validated
 from ablate.verdicts.verdict import rubric_text
 
-RESULTS_SCHEMA_VERSION = 1
 
 CONVENTIONS = {
     "content_gain": "content_gain = val_loss(shuffled-oracle cell) − val_loss(real-oracle cell), in nats: "
@@ -68,8 +68,8 @@ def build_results(ctx, corpus, r_teacher, oracle, records, cell_metrics, pairs, 
             "config": {"router": cell.router, "oracle": cell.oracle,
                        "objective": {"name": cell.objective.name, **cell.objective.params()},
                        "uses_sidecar": bool(ctx.registry.get("objective", cell.objective.name).needs_sidecar),
-                       "base": base_name(cell.name), "sweep": sweep_label(cell.name), "seed": cell.seed,
-                       "seed_group": seed_group(cell.name)},
+                       "base": cell.base_name, "sweep": cell.sweep_label, "seed": cell.seed,
+                       "seed_group": cell.seed_group},
             "objective_formula": outcome.get("objective_formula", ""),
             "status": rec.get("status", "skipped"), "error": rec.get("error"), "cached": rec.get("cached", False),
             "failed_at_step": rec.get("step"), "checkpoint_step": rec.get("checkpoint_step"),
@@ -84,7 +84,7 @@ def build_results(ctx, corpus, r_teacher, oracle, records, cell_metrics, pairs, 
         "schema_version": RESULTS_SCHEMA_VERSION,
         "name": spec.name, "description": spec.description, "numerics": spec.numerics,
         "conventions": CONVENTIONS,
-        "spec": spec.model_dump(mode="json", by_alias=True, exclude={"profiles"}),
+        "spec": spec.model_dump(mode="json", by_alias=True, exclude={"profiles", "loggers"}),  # loggers change nothing
         "axes": spec.axes.model_dump(),
         "stages": {n: {"key": r.key, "cached": r.cached, "seconds": r.seconds, "tokens": r.tokens,
                        "tokens_per_s": meter.rate(r.tokens, r.seconds), **r.peaks, "info": stages.json_safe(r.info)}
@@ -103,13 +103,13 @@ def build_results(ctx, corpus, r_teacher, oracle, records, cell_metrics, pairs, 
         from ablate.verdicts.expect import check_expectations
 
         results["expectations"] = check_expectations(spec.expect, results, names)
-    return results
+    return validated(results)
 
 
 def judge(spec: Spec, metrics: dict[str, dict[str, float]], names: dict[str, float],
           meanings: dict[str, str]) -> tuple[list[dict], dict[str, dict], list[dict]]:
     """Thresholds, combinations and discriminator outcomes, each read per seed group (a cell over
-    its seeds, `ablate.config.spec.seed_group`; a cell without a seed axis is its own group of one):
+    its seeds, `CellSpec.seed_group`; a cell without a seed axis is its own group of one):
     every threshold over its group's seeds (verdict.evaluate_over_seeds: a t-interval, or the
     single seed's value), each group's thresholds combined, each discriminated pair of groups
     read from the two combinations; per-seed labels and outcomes are kept beside them."""
@@ -136,7 +136,8 @@ def judge(spec: Spec, metrics: dict[str, dict[str, float]], names: dict[str, flo
             combination[group] = {**verdict.combine(own, soft_at, broken_at, strong), "n_seeds": len(cells),
                                   "per_seed": verdict.per_seed_labels(own, soft_at, broken_at)}
     discriminator = []
-    for real, shuf in dict.fromkeys((seed_group(r), seed_group(s)) for r, s in discriminated_pairs(spec)):
+    by_name = {c.name: c for c in spec.cells}
+    for real, shuf in dict.fromkeys((by_name[r].seed_group, by_name[s].seed_group) for r, s in discriminated_pairs(spec)):
         if real not in combination or shuf not in combination:
             continue
         rc, sc = combination[real], combination[shuf]
@@ -186,7 +187,7 @@ def noise_floor(spec: Spec, pairs: list[dict], thresholds: list[dict]) -> list[d
         groups: dict[tuple[str, str], list[tuple]] = {}
         for p in off:
             if p["metrics"].get(metric) is not None:
-                key = (seed_group(p["real"]), seed_group(p["shuffled"]))
+                key = (by_name[p["real"]].seed_group, by_name[p["shuffled"]].seed_group)
                 groups.setdefault(key, []).append((by_name[p["real"]].seed, float(p["metrics"][metric])))
         for (real, shuf), values in groups.items():
             rms = math.sqrt(math.fsum(v * v for _, v in values) / len(values))
@@ -249,10 +250,9 @@ def seed_rates(results: dict, k: int = 3) -> str:
 
 
 def load(path: str) -> dict:
-    import json
+    from ablate.verdicts.schema import read_results
 
-    with open(path) as f:
-        return json.load(f)
+    return read_results(path)
 
 
 def discriminated_pairs(spec: Spec) -> list[tuple[str, str]]:
@@ -261,8 +261,7 @@ def discriminated_pairs(spec: Spec) -> list[tuple[str, str]]:
     out = []
     for d in spec.discriminator:
         for real in cells_for(spec, d.real):
-            label = sweep_label(real.name)
-            shuf = next((c.name for c in cells_for(spec, d.shuffled) if sweep_label(c.name) == label), None)
+            shuf = next((c.name for c in cells_for(spec, d.shuffled) if c.sweep == real.sweep), None)
             if shuf is not None:
                 out.append((real.name, shuf))
     return out

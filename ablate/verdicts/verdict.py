@@ -175,18 +175,21 @@ def parse_rule(rule: dict[str, Any], bound_exprs: Sequence[str] | None = None) -
     return kind, bounds
 
 
+def break_region(kind: str, bounds: Sequence[float]) -> list[tuple[float, float, bool, bool]]:
+    """The BREAK region of a rule ([threshold.break_if], [combine] strong, the battery's
+    conditions) as intervals (low, high, low_closed, high_closed), ±inf at open ends: the one
+    definition the verdicts, expectations and plots read."""
+    inf, b = math.inf, bounds
+    return {"below": [(-inf, b[0], False, False)], "at_most": [(-inf, b[0], False, True)],
+            "above": [(b[0], inf, False, False)], "at_least": [(b[0], inf, True, False)],
+            "outside": [(-inf, b[0], False, False), (b[-1], inf, False, False)],
+            "inside": [(b[0], b[-1], True, True)]}[kind]
+
+
 def crosses(kind: str, value: float, bounds: Sequence[float]) -> bool:
     """True when `value` is in the BREAK region of the rule."""
-    if kind == "below":
-        return value < bounds[0]
-    if kind == "at_most":
-        return value <= bounds[0]
-    if kind == "above":
-        return value > bounds[0]
-    if kind == "at_least":
-        return value >= bounds[0]
-    outside = value < bounds[0] or value > bounds[1]
-    return outside if kind == "outside" else not outside
+    return any((lo < value or (lo_closed and value == lo)) and (value < hi or (hi_closed and value == hi))
+               for lo, hi, lo_closed, hi_closed in break_region(kind, bounds))
 
 
 def _bound_text(b: Bound, text: str) -> str:

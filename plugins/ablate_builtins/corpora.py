@@ -20,7 +20,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ablate.api import Corpus, InputError, Params, Progress, TokenCorpus, hookimpl, no_progress
-from ablate_builtins import synthetic
+from ablate_builtins import gguf, synthetic
 
 # ----------------------------------------------------------------------------------- helpers
 
@@ -149,9 +149,17 @@ def train_byte_bpe(documents: Iterable[str], vocab_size: int, eos_token: str):
     return tok
 
 
-def _tokenizer_file(path: Path) -> tuple[Path, Path | None]:
-    """tokenizer param → (tokenizer.json file, HF tokenizer directory or None)."""
-    path = path.expanduser()
+def _tokenizer_file(path: Path | str) -> tuple[Path, Path | None]:
+    """tokenizer param → (tokenizer.json file, HF tokenizer directory or None). A GGUF file (or a
+    directory holding one, or "pkg:<module>[/file]") gives the tokenizer stored in it, extracted
+    once into the GGUF cache (ablate_builtins.gguf): the same file a GGUF teacher reads ids with."""
+    path = gguf.resolve_path(path)
+    file = gguf.gguf_in(path)
+    if file is not None:
+        entry = gguf.tokenizer_dir(file)
+        return entry / "tokenizer.json", entry
+    if str(path).lower().endswith(".gguf"):
+        gguf.find_gguf(path)  # a missing .gguf: InputError naming it and the install command
     if path.is_dir():
         if not (path / "tokenizer.json").is_file():
             raise InputError(f"Tokenizer directory {path} has no tokenizer.json. ablate reads fast "
@@ -159,8 +167,9 @@ def _tokenizer_file(path: Path) -> tuple[Path, Path | None]:
                              f"'{path}')` to write one, or point `tokenizer` at a tokenizer.json file.")
         return path / "tokenizer.json", path
     if not path.is_file():
-        raise InputError(f"Tokenizer {path} does not exist. Set `tokenizer` to a `tokenizers` JSON file or "
-                         f"to a Hugging Face tokenizer directory, or leave it out to train a byte-level BPE.")
+        raise InputError(f"Tokenizer {path} does not exist. Set `tokenizer` to a `tokenizers` JSON file, to a "
+                         f"Hugging Face tokenizer directory or to a GGUF file, or leave it out to train a "
+                         f"byte-level BPE.")
     return path, None
 
 
@@ -174,7 +183,7 @@ def _configured_eos(tokenizer_dir: Path | None) -> str | None:
     return eos if isinstance(eos, str) else None
 
 
-def load_tokenizer(path: Path, eos_token: str | None):
+def load_tokenizer(path: Path | str, eos_token: str | None):
     """(tokenizers.Tokenizer, tokenizer.json path, eos id) for a user-supplied tokenizer."""
     from tokenizers import Tokenizer
 
@@ -194,7 +203,10 @@ def load_tokenizer(path: Path, eos_token: str | None):
 
 
 class TextParams(SplitParams):
-    tokenizer: Path | None = Field(None, description="tokenizer.json or HF tokenizer dir; none → train BPE")
+    # Path | str: "pkg:<module>" is no filesystem path; _tokenizer_file resolves either and names a missing one
+    tokenizer: Path | str | None = Field(None, description='tokenizer.json, HF tokenizer dir, or a GGUF file / '
+                                                           '"pkg:<module>" (its tokenizer, as a GGUF teacher reads '
+                                                           "it); none → train BPE")
     vocab_size: int = Field(8192, ge=300, description="size of the byte-level BPE trained when no tokenizer is given")
     eos_token: str | None = Field(None, description=f"document separator; default {DEFAULT_EOS_TOKEN} for a "
                                                     f"trained BPE, the tokenizer's own EOS otherwise")
@@ -211,7 +223,17 @@ class _TextCorpus(Corpus):
         return None if self.params.tokenizer is None else _tokenizer_file(self.params.tokenizer)[0]
 
     def known_vocab_size(self) -> int | None:
-        return self.params.vocab_size if self.params.tokenizer is None else None  # else the tokenizer's
+        """The BPE's size when one is trained; else the given tokenizer's (a file read, no tokenising)."""
+        if self.params.tokenizer is None:
+            return self.params.vocab_size
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(self.tokenizer_file())).get_vocab_size(with_added_tokens=True)
+        except InputError:
+            raise
+        except Exception:  # an unreadable file: load_tokenizer reports it when the corpus is loaded
+            return None
 
     def source(self) -> str:
         raise NotImplementedError
@@ -270,6 +292,8 @@ class TextFilesParams(TextParams):
     path: Path = Field(description="folder of .txt / .jsonl files (or one such file)")
     glob: list[str] = Field(default_factory=lambda: ["**/*.txt", "**/*.jsonl"])
     text_field: str = Field("text", description="JSON key of the document text in .jsonl lines")
+    install: str | None = Field(None, description="the command that puts the files at `path`, named in the error "
+                                                  "when they are missing (e.g. a package install and a converter)")
 
 
 class TextFilesCorpus(_TextCorpus):
@@ -285,13 +309,14 @@ class TextFilesCorpus(_TextCorpus):
         root = self.params.path.expanduser()
         if root.is_file():
             return [root]
+        how = f" Create them with: {self.params.install}" if self.params.install else ""
         if not root.is_dir():
             raise InputError(f"Corpus folder {root} does not exist. Set [corpus] path to a folder of "
-                             f".txt/.jsonl files.")
+                             f".txt/.jsonl files.{how}")
         found = sorted({f for pattern in self.params.glob for f in root.glob(pattern) if f.is_file()})
         if not found:
             raise InputError(f"No files in {root} match {self.params.glob}. Put .txt/.jsonl files there or "
-                             f"change [corpus] glob.")
+                             f"change [corpus] glob.{how}")
         return found
 
     def documents(self) -> Iterator[str]:
@@ -334,8 +359,9 @@ class TokenFilesParams(SplitParams):
     vocab_size: int = Field(ge=2)
     eos_id: int = Field(ge=0)
     tensor: str = Field("tokens", description="tensor name inside .safetensors shards")
-    tokenizer: Path | None = Field(None, description="the tokenizer that made the ids: tokenizer.json or HF "
-                                                     "tokenizer dir (compared id by id with the teacher's)")
+    tokenizer: Path | str | None = Field(None, description="the tokenizer that made the ids: tokenizer.json, HF "
+                                                           "tokenizer dir or GGUF file (compared id by id with the "
+                                                           "teacher's)")
     val_paths: list[str] | str | None = Field(None, description="separate validation shards")
 
     @model_validator(mode="after")

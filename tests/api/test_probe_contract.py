@@ -309,6 +309,25 @@ def test_a_component_digest_follows_its_own_code_not_its_module(tmp_path, monkey
     assert constant["First"] != base["First"] and constant["Second"] == base["Second"]
 
 
+def test_cell_corpus_and_teacher_keys_follow_their_components_own_code(tmp_path, monkeypatch):
+    """The cache keys of cells, corpora and teachers hash the plugin class, not its module: editing
+    a neighbour in the same file leaves them (and their cached results) alone."""
+    from ablate.training import cells as cellmod
+
+    spec = load_spec(ROOT / "specs" / "demo.toml", [], "tiny")
+    inputs = {"backbone": "b", "oracle": "o"}
+
+    def keys(**values):
+        digests(tmp_path, monkeypatch, **values)
+        first = sys.modules["digest_probe_module"].First
+        return (cellmod.cell_key(spec, spec.cells[0], inputs, first),
+                stages.component_stage_key("corpus", {}, {}, (first,)))
+
+    base = keys()
+    assert keys(unrelated=3) == base  # only Second's helper changed
+    assert keys(first=5)[0] != base[0] and keys(first=5)[1] != base[1]
+
+
 def test_builtin_digests_cover_what_they_call():
     from ablate_builtins import battery, objectives
 

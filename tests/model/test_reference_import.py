@@ -288,7 +288,7 @@ def test_backbone_stage_imports_a_reference_checkpoint_once(ct87, tmp_path):
     stages.check_backbone_checkpoint(spec)  # preflight: safe pickle, config matches [backbone]
     corpus = TokenCorpus(train=torch.arange(300) % 256, val=torch.arange(100) % 256, vocab_size=256, eos_id=0)
     r_corpus = stages.StageResult("corpus", "corpus-key", tmp_path, True, 0.0, {}, "corpus-digest")
-    results = [stages.backbone_stage(tmp_path / "cache", spec, r_corpus, corpus, "cpu", QuietUI()) for _ in range(2)]
+    results = [stages.backbone_stage(stages.StageContext(tmp_path / "cache", spec, "cpu", QuietUI()), r_corpus, corpus) for _ in range(2)]
     assert [r.cached for r in results] == [False, True] and results[0].path == results[1].path
     assert results[0].info["step"] == 2048 and "engram_residual.conv1d.weight" in str(results[0].info)
     loaded = load_backbone(results[0].path, expected=config).eval()  # what the cells load
@@ -336,7 +336,7 @@ def test_init_adapters_starts_the_cells_from_the_checkpoints_adapters(ct87, tmp_
     torch.save({"step": 100, "model_state_dict": state}, tmp_path / "checkpoint.pt")
     corpus = TokenCorpus(train=torch.arange(300) % 256, val=torch.arange(100) % 256, vocab_size=256, eos_id=0)
     r_corpus = stages.StageResult("corpus", "corpus-key", tmp_path, True, 0.0, {}, "corpus-digest")
-    r_bb = stages.backbone_stage(tmp_path / "cache", spec, r_corpus, corpus, "cpu", QuietUI())
+    r_bb = stages.backbone_stage(stages.StageContext(tmp_path / "cache", spec, "cpu", QuietUI()), r_corpus, corpus)
     table = torch.randn(spec.oracle.rows, e)
     router_cell = next(c for c in spec.cells if c.router)
     student = cells.build_student(spec, router_cell, r_bb.path, 256, table, "cpu")
@@ -355,6 +355,6 @@ def test_init_adapters_starts_the_cells_from_the_checkpoints_adapters(ct87, tmp_
 
     del state[f"engram_injections.{layer}.engram_xattn.v_proj.weight"]
     torch.save({"step": 100, "model_state_dict": state}, tmp_path / "checkpoint.pt")
-    r_bb = stages.backbone_stage(tmp_path / "cache2", spec, r_corpus, corpus, "cpu", QuietUI())
+    r_bb = stages.backbone_stage(stages.StageContext(tmp_path / "cache2", spec, "cpu", QuietUI()), r_corpus, corpus)
     with pytest.raises(InputError, match="lacks or mis-shapes adapter tensors"):
         cells.build_student(spec, router_cell, r_bb.path, 256, table, "cpu")

@@ -52,6 +52,7 @@ def full_dimension_cell_losses(compile: bool, steps: int = 30) -> list[float]:
     from ablate.api.components import ObjectiveContext
     from ablate.model.backbone import Backbone, BackboneConfig
     from ablate.model.student import EngramConfig, Student
+    from ablate.oracle.hashing import RowContract
     from ablate.training.train import CellRun, TrainConfig
     from ablate_builtins.objectives import KLCE
 
@@ -65,7 +66,7 @@ def full_dimension_cell_losses(compile: bool, steps: int = 30) -> list[float]:
     train, val = torch.randint(0, V, (400_000,), generator=g), torch.randint(0, V, (50_000,), generator=g)
     sidecar = torch.randn(rows, V, generator=g).to(device)
     cfg = TrainConfig(steps=steps, batch=4, seq_len=2048, warmup=5, aux_warmup=5, log_every=1, eval_every=10_000,
-                      eval_batches=1, precision="bf16", n_rows=rows, compile=compile)
+                      eval_batches=1, precision="bf16", row_contract=RowContract(rows=rows, seed=42), compile=compile)
     objective = KLCE(KLCE.Params.model_validate({"lambda": 0.5}), ObjectiveContext(V, torch.ones(V, dtype=torch.float64)))
     run = CellRun(student, objective, train, val, sidecar, cfg, device)
     assert run.compiled == (compile and fastpath.enabled_for(device))

@@ -103,6 +103,19 @@ def faulty_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_plan_names_the_failed_cells_a_rerun_skips(faulty_run, monkeypatch):
+    cwd, _, _, plugin = faulty_run
+    rows = {}
+    for flags in ([], ["--retry-failed"]):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert ablate_in(cwd, monkeypatch, "plan", *SPEC_ARGS, *FAULTS, *plugin, *flags) == 0
+        rows[bool(flags)] = " ".join(printed.getvalue().split())
+    assert rows[False].count("failed in an earlier run") == 2 and "step 7" in rows[False]
+    assert "failed in an earlier run" not in rows[True] and rows[True].count("would resume") == 1
+
+
+@pytest.mark.slow
 def test_nonfinite_loss_and_gradient_stop_only_their_cells(faulty_run):
     cwd, code, printed, _ = faulty_run
     assert code == 1 and "Traceback" not in printed
@@ -175,7 +188,7 @@ def test_second_writer_is_refused_naming_the_other_process(tmp_path, monkeypatch
     once the holder is killed (SIGKILL, no clean-up) the directory is free again."""
     run_dir = tmp_path / "runs" / "demo"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from ablate import store; lock = store.RunLock(sys.argv[1]); "
+        [sys.executable, "-c", "import sys, time; from ablate.pipeline import store; lock = store.RunLock(sys.argv[1]); "
                                "lock.__enter__(); print('locked', flush=True); time.sleep(600)", str(run_dir)],
         env=ENV, stdout=subprocess.PIPE, text=True)
     try:

@@ -250,7 +250,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _holder(code: str, *args: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", f"import sys, time; from ablate import store; {code}; "
+    proc = subprocess.Popen([sys.executable, "-c", f"import sys, time; from ablate.pipeline import store; {code}; "
                              "print('held', flush=True); time.sleep(float(sys.argv[2]))", *args],
                             env=ENV, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"

@@ -247,8 +247,8 @@ def test_battery_probe_leaves_no_hooks_restores_mode_and_is_registered():
 def test_report_prints_strong_results_and_battery_readings(tmp_path):
     from ablate.report.markdown import render_report
     from ablate.verdicts.verdict import combine, rubric_text, strong_result
-    from test_report import make_results, untraceable_numbers
-    from test_verdict import ZEB136_L2_REAL
+    from report_fixtures import make_results, untraceable_numbers
+    from report_fixtures import ZEB136_L2_REAL
 
     r = make_results(tmp_path)
     r["conventions"]["battery_rubric"] = rubric_text()

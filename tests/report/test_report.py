@@ -168,8 +168,8 @@ def test_report_tolerates_missing_optional_blocks(tmp_path, drop):
 def test_cells_meet_their_counterparts_across_sweeps():
     from ablate.report.markdown import cell_matches
 
-    def run(**cells):
-        return {"cells": {n: {"config": {"router": r, "oracle": o}} for n, (r, o) in cells.items()}}
+    def run(**cells):  # as results.json records them: each cell's spec cell in config.base
+        return {"cells": {n: {"config": {"router": r, "oracle": o, "base": n.split("@")[0]}} for n, (r, o) in cells.items()}}
 
     swept = run(off_real=(False, "real"), **{"on_real@lambda=0.5": (True, "real"), "on_real@lambda=0.9": (True, "real"),
                                              "on_shuf@lambda=0.5": (True, "shuffled")})

@@ -28,6 +28,7 @@ from ablate.api.components import ObjectiveContext
 from ablate.model.backbone import Backbone, BackboneConfig
 from ablate.model.engram import EngramCrossAttention, GatedEngramInjection, q_diversity, v_contrast
 from ablate.model.student import EngramConfig, Student
+from ablate.oracle.hashing import RowContract
 from ablate.training.train import CellRun, TrainConfig
 from ablate_builtins.objectives import KLCE
 
@@ -255,7 +256,7 @@ def cell_run(student, steps: int = 3, compile: bool = True) -> CellRun:
     g = torch.Generator().manual_seed(5)
     train, val = torch.randint(0, V, (2000,), generator=g), torch.randint(0, V, (500,), generator=g)
     cfg = TrainConfig(steps=steps, batch=2, seq_len=16, warmup=1, aux_warmup=1, log_every=1,
-                      precision="fp32", n_rows=N_ROWS, lr=1e-2, compile=compile)
+                      precision="fp32", row_contract=RowContract(rows=N_ROWS, seed=42), lr=1e-2, compile=compile)
     objective = KLCE(KLCE.Params.model_validate({"lambda": 0.5}),
                      ObjectiveContext(V, torch.ones(V, dtype=torch.float64)))
     return CellRun(student, objective, train, val, 2 * torch.randn(N_ROWS, V, generator=g), cfg, "cpu")

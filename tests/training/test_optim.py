@@ -221,3 +221,128 @@ def test_wsd_matches_piecewise_definition(total, warmup, decay_frac, step):
     got = wsd_multiplier(step, total, warmup, decay_frac)
     assert got == pytest.approx(expected, abs=1e-12)
     assert 0.0 <= got <= max(1.0, step / max(warmup, 1))
+
+
+# ------------------------------------------------------------------------------ batched Muon
+# BatchedMuon (the default) runs one Newton–Schulz per group of same-shaped matrices; the
+# per-matrix optimisers (CellOptimizer(batched=False): torch.optim.Muon, ReferenceMuon) are the
+# reference. Float32 (numerics = "upstream"): equal to float32 rounding (a tall matrix enters the
+# batch as a contiguous transposed copy, the per-matrix path as a view: measured ≤ 5e-6 relative).
+# bf16 (numerics = "ablate"): the same bf16 operations; bitwise equal on the CPU, bf16 rounding allowed.
+BATCHED_FP32_REL_TOL = 2e-5
+BATCHED_BF16_REL_TOL = 1e-2
+
+from ablate.training.optim import BatchedMuon, newton_schulz, newton_schulz_batched  # noqa: E402
+
+MATRIX_DIMS = (4, 8, 12, 32)
+
+
+def _run_pair(shapes, numerics, steps, seed, lr=0.02):
+    """The same gradients through the batched and the per-matrix Muon; → [(delta batched, delta
+    per-matrix)] per matrix, float64."""
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    batched = [nn.Parameter(t.clone()) for t in init]
+    single = [nn.Parameter(t.clone()) for t in init]
+    names = [f"inj.{i}.W_q.weight" for i in range(len(shapes))]
+    opt_b = CellOptimizer(list(zip(names, batched)), lr=lr, numerics=numerics)
+    opt_s = CellOptimizer(list(zip(names, single)), lr=lr, numerics=numerics, batched=False)
+    assert isinstance(opt_b.muon, BatchedMuon) and not isinstance(opt_s.muon, BatchedMuon)
+    for _ in range(steps):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, q, g in zip(batched, single, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_b.step()
+        opt_s.step()
+    return [((p.detach() - t).double(), (q.detach() - t).double()) for p, q, t in zip(batched, single, init)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes=st.lists(st.tuples(st.sampled_from(MATRIX_DIMS), st.sampled_from(MATRIX_DIMS)), min_size=1, max_size=7),
+       numerics=st.sampled_from(["ablate", "upstream"]), seed=st.integers(0, 2**16))
+def test_batched_muon_equals_per_matrix_muon(shapes, numerics, seed):
+    """Any mix of shapes (groups of one or several matrices, wide, tall and square, a tall matrix
+    sharing a group with its transposed shape): three steps of the batched optimiser move every
+    matrix as the per-matrix optimiser does."""
+    tol = BATCHED_FP32_REL_TOL if numerics == "upstream" else BATCHED_BF16_REL_TOL
+    for got, want in _run_pair(shapes, numerics, steps=3, seed=seed):
+        rel = (got - want).norm() / want.norm()
+        assert rel <= tol, f"{numerics}: relative difference {rel:.3g} for shape {tuple(got.shape)}"
+
+
+def test_batched_muon_groups_by_newton_schulz_shape():
+    params = [nn.Parameter(torch.zeros(s)) for s in [(8, 8), (4, 8), (8, 4), (8, 4), (8, 8), (6, 4)]]
+    groups = BatchedMuon.shape_groups(params)
+    sizes = {key[2:]: len(members) for key, members in groups.items()}
+    assert sizes == {(8, 8): 2, (4, 8): 3, (4, 6): 1}  # 8×4 enters transposed, beside 4×8
+
+
+@settings(max_examples=20, deadline=None)
+@given(group=st.integers(1, 5), rows=st.sampled_from([3, 8, 16]), extra=st.sampled_from([0, 5, 24]),
+       scale=st.sampled_from([1e-9, 1e-6, 1.0, 1e3]), seed=st.integers(0, 2**16))
+def test_batched_newton_schulz_matches_float64_per_matrix(group, rows, extra, scale, seed):
+    """The batched iteration in float64 equals the per-matrix one to float64 rounding, and in float32
+    the reference's float32 formula (X/(‖X‖ + 1e-7)) stays within float32 rounding of float64."""
+    gen = torch.Generator().manual_seed(seed)
+    stack = torch.randn(group, rows, rows + extra, generator=gen, dtype=torch.float64) * scale
+    want = torch.stack([newton_schulz(m) for m in stack])
+    assert torch.allclose(newton_schulz_batched(stack), want, rtol=0, atol=1e-12)
+    got32 = newton_schulz_batched(stack.float()).double()
+    rel = (got32 - want).norm() / want.norm()
+    assert rel < 1e-5
+
+
+@pytest.mark.parametrize("shapes", [[(16, 16), (16, 16), (8, 24)], [(32, 8), (8, 32), (32, 8)]],
+                         ids=["square+wide", "tall+wide"])
+@pytest.mark.parametrize("buffer_norm", [1e-9, 1.0, 1e3])
+def test_batched_upstream_muon_matches_the_float64_reference(shapes, buffer_norm):
+    """numerics = "upstream", batched: three updates match the float64 reference (§5.2) to float32
+    rounding, as the per-matrix ReferenceMuon does (test above)."""
+    gen = torch.Generator().manual_seed(len(shapes))
+    weights = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    opt = CellOptimizer([(f"x.{i}.W_o.weight", w) for i, w in enumerate(weights)], lr=0.02, numerics="upstream")
+    refs = [(torch.zeros(s, dtype=torch.float64), torch.zeros(s, dtype=torch.float64)) for s in shapes]
+    for _ in range(3):
+        grads = []
+        for s in shapes:
+            g = torch.randn(s, generator=gen, dtype=torch.float64)
+            grads.append((g / g.norm() * buffer_norm).float())
+        for w, g in zip(weights, grads):
+            w.grad = g.clone()
+        opt.step()
+        refs = [reference_muon_step(p, buf, g.double(), 0.02) for (p, buf), g in zip(refs, grads)]
+        for w, (p, _) in zip(weights, refs):
+            rel = (w.detach().double() - p).norm() / p.norm()
+            assert rel < 1e-5, f"relative error {rel:.3g}"
+    assert all(opt.muon.state[w]["momentum_buffer"].dtype == torch.float32 for w in weights)
+
+
+@pytest.mark.parametrize("numerics", ["ablate", "upstream"])
+def test_saved_states_move_between_batched_and_per_matrix(numerics):
+    """A state saved by the per-matrix optimiser (e.g. a resume state written before batching)
+    continues in the batched one exactly as in the per-matrix one, and back."""
+    shapes = [(12, 12), (12, 4), (4, 12)]
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(4)]
+    names = [f"a.{i}.W_v.weight" for i in range(len(shapes))]
+
+    def run(batched_first: bool, batched_then: bool):
+        params = [nn.Parameter(t.clone()) for t in init]
+        opt = CellOptimizer(list(zip(names, params)), 0.05, numerics, batched=batched_first)
+        for step, gs in enumerate(grads):
+            if step == 2:
+                saved = opt.state_dict()
+                params = [nn.Parameter(p.detach().clone()) for p in params]
+                opt = CellOptimizer(list(zip(names, params)), 0.05, numerics, batched=batched_then)
+                opt.load_state_dict(saved)
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach().double() for p in params]
+
+    tol = BATCHED_FP32_REL_TOL if numerics == "upstream" else BATCHED_BF16_REL_TOL
+    reference = run(False, False)
+    for first, then in ((False, True), (True, False)):
+        for got, want, t in zip(run(first, then), reference, init):
+            assert (got - want).norm() / (want - t.double()).norm() <= tol

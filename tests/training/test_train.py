@@ -11,13 +11,14 @@ import math
 from dataclasses import dataclass, field
 
 import pytest
+from pydantic import ValidationError
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ablate.api.components import ObjectiveContext
 from ablate.errors import InputError, NumericalFault
-from ablate.oracle.hashing import canonical_rows
+from ablate.oracle.hashing import RowContract, canonical_rows
 from ablate.training.train import (TrainConfig, WindowSampler, aux_lambda, router_statistics, train_cell)
 from ablate_builtins.objectives import CE, KLCE
 
@@ -138,7 +139,7 @@ def kl_objective(lam: float = 0.5) -> KLCE:
 
 def config(**over) -> TrainConfig:
     base = dict(steps=12, batch=2, seq_len=8, lr=3e-2, warmup=3, decay_frac=0.25, eval_every=4,
-                eval_batches=3, log_every=3, precision="fp32", aux_warmup=5, n_rows=N_ROWS,
+                eval_batches=3, log_every=3, precision="fp32", aux_warmup=5, row_contract=RowContract(rows=N_ROWS, seed=42),
                 qdiv_weight=0.05)
     base.update(over)
     return TrainConfig(**base)
@@ -421,7 +422,7 @@ def test_logged_router_statistics_match_a_hand_computation_of_the_first_batch():
     with torch.no_grad():
         z_r = fresh(inputs, aux=False).router_logits
     # at step 0 W_align = 0: z_r = 0, P_r uniform, entropy ln V
-    entropy, cos = _hand_router_stats(z_r, canonical_rows(inputs, N_ROWS, cfg.kl_seed), sidecar())
+    entropy, cos = _hand_router_stats(z_r, canonical_rows(inputs, N_ROWS, cfg.row_contract.seed), sidecar())
     assert entropy == pytest.approx(math.log(V))
     assert row["router_entropy"] == pytest.approx(entropy, rel=1e-6)
     assert row["teacher_match_cos"] == pytest.approx(cos, rel=1e-5)
@@ -467,14 +468,15 @@ def test_aux_lambda_ramp():
 
 def test_invalid_inputs_are_refused():
     train, val = streams()
-    with pytest.raises(InputError, match="log_every"):
+    with pytest.raises(ValidationError, match="log_every"):  # TrainSpec's rules: the spec's and the loop's
         config(log_every=0)
     with pytest.raises(InputError, match="sidecar"):
         train_cell(TinyStudent(), kl_objective(), train, val, None, config(), "cpu")
     with pytest.raises(InputError, match="router"):
         train_cell(TinyStudent(router=False), kl_objective(), train, val, sidecar(), config(), "cpu")
-    with pytest.raises(InputError, match="n_rows"):
-        train_cell(TinyStudent(), kl_objective(), train, val, sidecar(), config(n_rows=7), "cpu")
+    with pytest.raises(InputError, match="rows=7"):
+        train_cell(TinyStudent(), kl_objective(), train, val, sidecar(), config(row_contract=RowContract(rows=7, seed=42)),
+                   "cpu")
 
 
 # ------------------------------------------------------------------- the real Student

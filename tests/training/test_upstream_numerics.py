@@ -185,7 +185,7 @@ def test_the_upstream_spec_shape_runs_on_the_references_own_artifacts(tmp_path, 
     import shutil
 
     from cli_run import ablate_in
-    from test_oracle_files import file_sets, write_reference_oracle
+    from oracle_fixtures import file_sets, write_reference_oracle
 
     from ablate.config.spec import load_spec
     from ablate.pipeline.stages import backbone_config

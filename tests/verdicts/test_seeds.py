@@ -16,7 +16,7 @@ from ablate.pipeline import probing
 from ablate.errors import SpecError
 from ablate.api.plugins import load_registry
 from ablate.verdicts.results import discriminated_pairs
-from ablate.config.spec import load_spec, seed_group, seed_groups, spec_from_dict
+from ablate.config.spec import load_spec, seed_groups, spec_from_dict
 from cli_run import ablate_in
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,8 +35,14 @@ def test_the_seed_axis_expands_every_cell_and_comes_last():
     spec = load_spec(ROOT / "specs" / "zeb139.toml", ["sweep.seed=[3,4]"], "smoke", REGISTRY)
     names = [c.name for c in spec.cells]
     assert "router_on_real@lambda=0.9,seed=4" in names and "router_off_real@seed=3" in names
-    assert seed_group("router_on_real@lambda=0.9,seed=4") == "router_on_real@lambda=0.9"
-    assert seed_group("router_off_real@seed=3") == "router_off_real" and seed_group("plain") == "plain"
+    by_name = {c.name: c for c in spec.cells}
+    swept = by_name["router_on_real@lambda=0.9,seed=4"]
+    assert (swept.base_name, swept.sweep, swept.seed_group) == ("router_on_real", {"lambda": "0.9", "seed": "4"},
+                                                              "router_on_real@lambda=0.9")
+    assert swept.objective.params()["lambda"] == 0.9 and swept.seed == 4  # the values themselves, as fields
+    assert by_name["router_off_real@seed=3"].seed_group == "router_off_real"
+    plain = load_spec(ROOT / "specs" / "zeb139.toml", [], "smoke", REGISTRY).cells[0]
+    assert (plain.base_name, plain.sweep_label, plain.seed_group) == (plain.name, "", plain.name)
     groups = seed_groups(spec.cells)
     assert groups["router_on_real@lambda=0.9"][1].name == "router_on_real@lambda=0.9,seed=4"
     assert all(len(cells) == 2 for cells in groups.values())
@@ -59,8 +65,8 @@ def test_a_seed_changes_the_adapters_init_and_training_batches_only():
     assert cellmod.training_seeds(spec, by_name["router_on_real@seed=0"]) == (t.model_seed, t.data_seed)
     assert cellmod.training_seeds(spec, by_name["router_on_real@seed=2"]) == (t.model_seed + 2, t.data_seed + 2)
     assert cellmod.training_seeds(plain, plain.cells[0]) == (t.model_seed, t.data_seed)
-    cfg0 = cellmod.train_config(spec, by_name["router_on_real@seed=0"], "cpu")
-    cfg2 = cellmod.train_config(spec, by_name["router_on_real@seed=2"], "cpu")
+    cfg0 = cellmod.train_config(spec, by_name["router_on_real@seed=0"], None)
+    cfg2 = cellmod.train_config(spec, by_name["router_on_real@seed=2"], None)
     assert cfg2.data_seed == cfg0.data_seed + 2 and cfg2.val_seed == cfg0.val_seed  # same validation windows
 
 
@@ -69,7 +75,7 @@ def test_a_cell_without_a_seed_keeps_its_cache_key(monkeypatch):
     import ablate.pipeline.stages as stages
 
     seen = []
-    monkeypatch.setattr(stages, "stage_key", lambda kind, config, *a: seen.append(config) or "k")
+    monkeypatch.setattr(stages, "component_stage_key", lambda kind, config, *a: seen.append(config) or "k")
     plain = load_spec(DEMO, [], "tiny", REGISTRY)
     seeded = load_spec(DEMO, [SEEDS], "tiny", REGISTRY)
     obj = REGISTRY.get("objective", "ce")
@@ -124,7 +130,7 @@ def test_verdicts_re_read_on_subsets_of_seeds(tmp_path):
     """read_subset (the calibration rates of docs/calibration.md) on all seeds gives the run's own
     verdicts, and on one seed that seed's own verdicts and outcome."""
     from ablate.verdicts.results import read_subset, seed_rates
-    from test_report import seeded_results
+    from report_fixtures import seeded_results
 
     r = seeded_results(tmp_path)
     whole = read_subset(r, {0, 1, 2})

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ablate.errors import InputError
+from report_fixtures import ZEB136_L2_REAL
 from ablate.verdicts.verdict import (
-    Bound, agreement, combine, common_decimals, discriminate, distinguishing_digits, evaluate, fmt,
+    Bound, agreement, combine, common_decimals, crosses, discriminate, distinguishing_digits, evaluate, fmt,
 )
 
 SETTINGS = settings(max_examples=50, deadline=None)
@@ -286,12 +287,6 @@ def test_strong_bounds_of_the_reference_specs_and_the_older_form():
 
 # ------------------------------------------------------------------------------ battery rubric
 
-ZEB136_L2_REAL = {  # reference §8.5, ZEB-136 router-off pair, L2 real, and the pair's cross-run C
-    "retrieval_unique_frac_L2": 0.13860, "attn_entropy_L2": 0.6310, "retrieval_gap_L2": 0.0387,
-    "inj_ratio_L2": 0.0484, "inj_axis_rms_L2": 0.0897, "inj_hidden_abs_cos_L2": 0.0384,
-    "content_swap_abs_cos_L2": 0.2060, "topk_jaccard_mean_L2": 0.0008, "row_usage_cv_L2": 0.7842,
-    "v_rank_hard_ratio_L2": 1.0, "cross_run_inj_cos_L2": 0.8730, "cross_run_inj_abs_cos_L2": 0.8730,
-}
 
 
 def test_rubric_reads_the_published_battery_as_the_reference_did():
@@ -486,3 +481,23 @@ def test_rates_print_three_significant_digits():
     assert [fmt_rate(x) for x in (461102.7103, 1234.5, 87.21, 999.96, 12345678, 0.01234)] == \
         ["461k", "1.23k", "87.2", "1.00k", "12.3M", "0.0123"]
     assert fmt_rate(None) == "—"
+
+
+# ------------------------------------------------------------------ one definition of the rules
+
+RULE_MEANING = {  # the spec's words (docs): BREAK when the value is ...
+    "below": lambda v, b: v < b[0], "at_most": lambda v, b: v <= b[0],
+    "above": lambda v, b: v > b[0], "at_least": lambda v, b: v >= b[0],
+    "outside": lambda v, b: v < b[0] or v > b[1], "inside": lambda v, b: b[0] <= v <= b[1]}
+
+
+@SETTINGS
+@given(kind=st.sampled_from(sorted(RULE_MEANING)), value=st.floats(-4, 4) | st.sampled_from([-1.0, 0.0, 1.5]),
+       bounds=st.lists(st.sampled_from([-1.0, 0.0, 1.5]) | st.floats(-3, 3), min_size=2, max_size=2).map(sorted))
+def test_crosses_and_the_plotted_break_region_follow_the_rule_words(kind, value, bounds):
+    from ablate.report.plots import _break_spans
+
+    assert crosses(kind, value, bounds) == RULE_MEANING[kind](value, bounds)
+    spans = _break_spans(kind, bounds, -5.0, 5.0)  # what the report shades
+    if value not in bounds:
+        assert any(a < value < b for a, b in spans) == RULE_MEANING[kind](value, bounds)

@@ -1,0 +1,168 @@
+"""ablate.pipeline.memory: the per-stage peak-memory estimate against the peaks measured at
+reference dimensions, the refusal of specs that cannot fit, and that small specs fit trivially."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ablate.api.plugins import load_registry
+from ablate.cli import main as cli
+from ablate.config.spec import load_spec
+from ablate.errors import SpecError
+from ablate.pipeline import memory
+from ablate.pipeline.memory import GIB, Limit
+from tests.cli_run import ablate_in
+
+ROOT = Path(__file__).resolve().parents[2]
+REGISTRY = load_registry([])
+
+# Peaks measured by `ablate run` (meter: torch.cuda.max_memory_allocated / max_memory_reserved per
+# stage, allocator cache emptied at each stage's start) at reference dimensions: scripts/fullscale_random.sh
+# (specs/zeb139.toml, TinyLlama-1.1B architecture as teacher, 10,000 rows, vocab 32,000, engram_dim 128,
+# batch 4 × 2048, bf16, oracle over 4M tokens). Source: docs/performance.md, "A measured full-scale
+# run" (the 426-s and 491-s runs, the eager 200-step runs) and issue 16 (P12); the second eager
+# router-on and probes figures from a check of this estimate on one H200 (2026-11-29,
+# scripts/fullscale_random.sh --set oracle.max_tokens=4000000 --set train.steps=20: oracle 12.41 /
+# 14.40, cells 8.90 / 9.14 (eager), probes 11.69 / 12.27). (low, high) in GiB.
+MEASURED = {
+    "oracle": {"allocated": (12.41, 12.41), "reserved": (14.40, 14.40)},
+    "cells, router on, compiled": {"allocated": (5.69, 5.73), "reserved": (6.42, 6.64)},
+    "cells, router off, compiled": {"allocated": (2.67, 2.67)},
+    "cells, router on, eager": {"allocated": (7.72, 8.90), "reserved": (8.08, 9.14)},
+    "cells, router off, eager": {"allocated": (4.66, 4.66)},
+    "probes": {"allocated": (11.69, 11.73), "reserved": (12.27, 15.59)},
+}
+TOLERANCE = 0.20  # P12: the estimate within ±20 % of the measured peak
+
+TINYLLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+                    "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                    "num_attention_heads": 32, "num_key_value_heads": 4, "tie_word_embeddings": False}
+
+
+def reference_spec(tmp_path: Path, *extra: str):
+    """specs/zeb139.toml as scripts/fullscale_random.sh runs it (a TinyLlama-shaped config.json,
+    random weights, the oracle limited to 4M tokens)."""
+    arch = tmp_path / "tinyllama-arch"
+    arch.mkdir(exist_ok=True)
+    (arch / "config.json").write_text(json.dumps(TINYLLAMA_CONFIG))
+    overrides = ["oracle.max_tokens=4000000", "teacher.plugin=hf-causal-lm", f'teacher.model="{arch}"',
+                 "teacher.random_init=true", "axes.teacher=hf-causal-lm", *extra]
+    return load_spec(ROOT / "specs" / "zeb139.toml", overrides, None, REGISTRY)
+
+
+def _within(estimate_gib: float, measured: tuple[float, float]) -> bool:
+    return all(abs(estimate_gib - m) <= TOLERANCE * m for m in measured)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_estimates_within_20_percent_of_the_measured_peaks(tmp_path, compiled):
+    spec = reference_spec(tmp_path, f'train.compile="{"on" if compiled else "off"}"')
+    stages = {s.stage.split(" ")[0]: s for s in memory.estimate(spec, "cuda", REGISTRY)}
+    cells = memory.cell_memory(spec, "cuda", REGISTRY)
+    mode = "compiled" if compiled else "eager"
+    got = {"oracle": stages["oracle"], "probes": stages["probes"],
+           f"cells, router on, {mode}": cells["router_on_real@lambda=0.5"],
+           f"cells, router off, {mode}": cells["router_off_real"]}
+    assert stages["cells"].allocated_bytes == cells["router_on_real@lambda=0.5"].allocated_bytes  # the largest
+    for name, stage in got.items():
+        for kind, measured in MEASURED[name].items():
+            value = (stage.allocated_bytes if kind == "allocated" else stage.reserved_bytes) / GIB
+            assert _within(value, measured), f"{name} {kind}: estimate {value:.2f} GiB, measured {measured}"
+
+
+def test_reference_fits_a_16_gib_card_but_not_an_8_gib_one(tmp_path):
+    spec = reference_spec(tmp_path)
+    memory.check(spec, Limit("cuda", 16 * GIB, "--memory-budget 16 GiB", budget=True), REGISTRY)
+    with pytest.raises(SpecError) as err:
+        memory.check(spec, Limit("cuda", 8 * GIB, "--memory-budget 8 GiB", budget=True), REGISTRY)
+    text = str(err.value)
+    assert "the oracle stage" in text and "the probes stage" in text and "the cells" not in text
+    assert "oracle.batch or oracle.seq_len" in text and "probes.batch or probes.seq_len" in text
+
+
+def test_a_billion_rows_is_refused_naming_the_oracle_and_its_rows(tmp_path):
+    spec = reference_spec(tmp_path, "oracle.rows=1000000000")
+    for limit in (Limit("cuda", 141 * GIB, "141 GiB of this GPU", 512 * GIB), Limit("cpu", 64 * GIB, "64 GiB")):
+        with pytest.raises(SpecError) as err:
+            memory.check(spec, limit, REGISTRY, "zeb139.toml")
+        first = err.value.problems[0]
+        assert first[0] == "oracle.rows" and first[1].startswith("the oracle stage would need about")
+        assert "sidecar sums [1,000,000,001 × 32,000] float32: 119,209.3 GiB" in first[1]
+        assert "To fit, lower oracle.rows" in first[1]
+        assert len(err.value.problems) == 3  # oracle, cells, probes: one paragraph each
+        assert err.value.exit_code == 2
+
+
+def test_cli_validate_refuses_a_billion_rows_and_checks_the_budget(tmp_path, monkeypatch, capsys):
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "zeb139.toml").write_text((ROOT / "specs" / "zeb139.toml").read_text())
+    args = ["validate", "specs/zeb139.toml"]
+    assert ablate_in(tmp_path, monkeypatch, *args, "--set", "oracle.rows=1000000000") == 2
+    err = capsys.readouterr().err
+    assert "oracle.rows: the oracle stage would need about" in err and "Traceback" not in err
+    assert ablate_in(tmp_path, monkeypatch, *args, "--memory-budget", "16GiB") == 0
+    assert ablate_in(tmp_path, monkeypatch, *args, "--memory-budget", "10GiB") == 2
+    err = capsys.readouterr().err
+    assert "more than the --memory-budget 10.0 GiB" in err and "probes" in err
+    with pytest.raises(SystemExit) as bad:
+        cli.main([*args, "--memory-budget", "lots"])
+    assert bad.value.code == 2
+
+
+@pytest.mark.parametrize("spec_args", [("demo.toml", "tiny"), ("demo.toml", None), ("zeb139.toml", "smoke")])
+def test_small_specs_fit_trivially(spec_args):
+    name, profile = spec_args
+    spec = load_spec(ROOT / "specs" / name, [], profile, REGISTRY)
+    for device in ("cuda", "cpu"):
+        stages = memory.check(spec, Limit(device, 3 * GIB, "3 GiB", 3 * GIB), REGISTRY)
+        assert all(s.reserved_bytes < 1 * GIB for s in stages)
+
+
+def test_the_run_refuses_before_any_work(tmp_path, monkeypatch, capsys):
+    (tmp_path / "demo.toml").write_text((ROOT / "specs" / "demo.toml").read_text())
+    code = ablate_in(tmp_path, monkeypatch, "run", "demo.toml", "--profile", "tiny", "--device", "cpu", "--quiet",
+                     "--set", "oracle.rows=2000000000")
+    assert code == 2
+    assert "oracle.rows: the oracle stage would need about" in capsys.readouterr().err
+    assert not (tmp_path / ".ablate-cache").exists() or not any((tmp_path / ".ablate-cache").iterdir())
+
+
+def test_plan_prints_the_table_and_does_not_refuse(tmp_path, monkeypatch, capsys):
+    (tmp_path / "demo.toml").write_text((ROOT / "specs" / "demo.toml").read_text())
+    assert ablate_in(tmp_path, monkeypatch, "plan", "demo.toml", "--profile", "tiny",
+                     "--memory-budget", "1MiB") == 0
+    out = capsys.readouterr().out
+    assert "estimated peak memory of demo on CUDA" in out and "GPU GiB" in out
+    assert "does not fit --memory-budget" in out
+
+
+def test_corpus_tokens_from_shard_headers(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros(1000, dtype=np.int32))
+    np.save(tmp_path / "b.npy", np.zeros(234, dtype=np.uint16))
+    raw_spec = load_spec(ROOT / "specs" / "zeb139.toml", [f'corpus.paths=["{tmp_path}/*.npy"]'], None, REGISTRY)
+    assert memory.corpus_tokens(raw_spec) == 1234
+    assert memory.corpus_tokens(load_spec(ROOT / "specs" / "zeb139.toml", [], None, REGISTRY)) is None  # no shards here
+
+
+def test_teacher_size_from_config_or_tinyllama_fallback(tmp_path):
+    spec = load_spec(ROOT / "specs" / "zeb139.toml", [], None, REGISTRY)
+    shape = memory.teacher_shape(spec, "cuda", 32000)
+    assert shape.params == 1_100_048_384 and shape.dtype_bytes == 2 and shape.states == 23
+    local = memory.teacher_shape(load_spec(ROOT / "specs" / "demo.toml", [], None, REGISTRY), "cuda", 512)
+    assert local.trains and local.dtype_bytes == 4  # llama-local defaults to float32
+
+
+@pytest.mark.parametrize("text,expected", [("16GiB", 16 * GIB), ("16G", 16 * GIB), ("16 GB", 16 * 10**9),
+                                           ("512MiB", 512 * 2**20), ("1.5TiB", int(1.5 * 2**40)), ("24", 24 * GIB)])
+def test_parse_size(text, expected):
+    assert memory.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "16 parsecs", "-3GiB", "16iB"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        memory.parse_size(text)
