@@ -142,12 +142,19 @@ class HFTeacherModel(LoadedTeacher):
         self.vocab_size = model.config.vocab_size
         self.hidden_size = model.config.hidden_size
         self.info = info
+        self.permutation: torch.Tensor | None = None  # [V] int64: vocab_permutation_seed's map, on the device
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, T] → (hidden [B, T, H], logits [B, T, V]) as float32 on the model device."""
+        """tokens [B, T] → (hidden [B, T, H], logits [B, T, V]) as float32 on the model device. With a
+        permutation σ the teacher reads σ(tokens) and its logit j is the model's σ(j): a teacher whose
+        tokenizer numbers the same tokens otherwise, read without translation (reference §12)."""
+        tokens = tokens.to(self.device)
+        sigma = self.permutation
         with torch.inference_mode():
-            out = self.model(input_ids=tokens.to(self.device), output_hidden_states=True, use_cache=False)
-            return out.hidden_states[self.layer_index].float(), out.logits.float()
+            out = self.model(input_ids=tokens if sigma is None else sigma[tokens], output_hidden_states=True,
+                             use_cache=False)
+            logits = out.logits.float()
+            return out.hidden_states[self.layer_index].float(), logits if sigma is None else logits[..., sigma]
 
 
 def load_hf_teacher(directory: Path, *, dtype: str, layer: int, device: torch.device,
@@ -198,6 +205,10 @@ class HFCausalLMParams(Params):
                                                       "when given")
     dtype: DTypeName = "auto"
     layer: int = Field(-2, description="index into hidden_states (0 = embeddings, −2 = second-to-last block)")
+    vocab_permutation_seed: int | None = Field(
+        None, description="reference §12's condition on purpose: the teacher reads the corpus's ids through a fixed "
+                          "permutation of its vocabulary (this seed) and its logits come back through the same map, "
+                          "as a teacher with another tokenizer of the same size would; teacher health must catch it")
     attn_implementation: str = "sdpa"
     random_init: bool = Field(False, description="random weights of the config.json architecture "
                                                  "(timing and plumbing only; the report says so)")
@@ -302,13 +313,20 @@ class HFCausalLMTeacher(Teacher):
             record = json.loads((directory / "gguf.json").read_text())
             info = {"source": p.gguf_file, "revision": None, "resolved": str(directory),
                     "gguf_file": record["gguf_file"], "gguf_sha256": record["gguf_sha256"], "random_weights": False}
-            return load_hf_teacher(directory, dtype=p.dtype, layer=p.layer, device=ctx.device,
-                                   attn_implementation=p.attn_implementation, info=info)
-        directory = locate_hf_model(p.model, p.revision, not p.random_init)
-        info = {"source": p.model, "revision": p.revision, "resolved": str(directory), "random_weights": p.random_init}
-        return load_hf_teacher(directory, dtype=p.dtype, layer=p.layer, device=ctx.device,
-                               attn_implementation=p.attn_implementation, info=info, random_init=p.random_init,
-                               seed=ctx.seed)
+            loaded = load_hf_teacher(directory, dtype=p.dtype, layer=p.layer, device=ctx.device,
+                                     attn_implementation=p.attn_implementation, info=info)
+        else:
+            directory = locate_hf_model(p.model, p.revision, not p.random_init)
+            info = {"source": p.model, "revision": p.revision, "resolved": str(directory),
+                    "random_weights": p.random_init}
+            loaded = load_hf_teacher(directory, dtype=p.dtype, layer=p.layer, device=ctx.device,
+                                     attn_implementation=p.attn_implementation, info=info, random_init=p.random_init,
+                                     seed=ctx.seed)
+        if p.vocab_permutation_seed is not None:
+            g = torch.Generator().manual_seed(p.vocab_permutation_seed)
+            loaded.permutation = torch.randperm(loaded.vocab_size, generator=g).to(ctx.device)
+            loaded.info["vocab_permutation_seed"] = p.vocab_permutation_seed
+        return loaded
 
 
 class TinyLlamaParams(HFCausalLMParams):

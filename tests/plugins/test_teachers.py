@@ -99,6 +99,24 @@ def test_hf_directory_loads_through_from_pretrained(tmp_path, layer):
                           "dtype": "float32"} == loaded.info
 
 
+def test_a_permuted_vocabulary_reads_and_answers_through_one_fixed_map(tmp_path):
+    """vocab_permutation_seed (reference §12 on purpose): the teacher reads σ(tokens) and its logit j
+    is the model's logit σ(j), σ a fixed permutation of the vocabulary; the same map every load."""
+    save_tiny_llama(tmp_path / "m")
+    teacher = HFCausalLMTeacher(HFCausalLMTeacher.Params(model=str(tmp_path / "m"), vocab_permutation_seed=3))
+    loaded = teacher.load(context(tmp_path))
+    sigma = torch.randperm(50, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(loaded.permutation, sigma) and not torch.equal(sigma, torch.arange(50))
+    tokens = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(1))
+    hidden, logits = loaded.forward(tokens)
+    ref = reference_outputs(tmp_path / "m", sigma[tokens])
+    torch.testing.assert_close(hidden, ref.hidden_states[-2])
+    for j in range(50):
+        torch.testing.assert_close(logits[..., j], ref.logits[..., sigma[j]])
+    assert loaded.info["vocab_permutation_seed"] == 3
+    assert torch.equal(teacher.load(context(tmp_path)).permutation, sigma)
+
+
 def test_hf_bfloat16_returns_float_tensors(tmp_path):
     save_tiny_llama(tmp_path / "m")
     teacher = HFCausalLMTeacher(HFCausalLMTeacher.Params(model=str(tmp_path / "m"), dtype="bfloat16"))
