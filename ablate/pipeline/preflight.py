@@ -62,8 +62,10 @@ def corpus_params(spec: Spec, corpus_cls) -> dict:
 
 def _check_paths(params, where: str) -> None:
     """InputError for any file or folder a plugin's parameters name that does not exist."""
+    install = getattr(params, "install", None)  # e.g. text-files' command that creates its files
     for name, value in params:
         for p in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(p, Path) and not p.exists():
                 raise InputError(f"[{where}] {name} = {str(p)!r} does not exist. Fix the path in the spec "
-                                 f"(relative paths are read from the directory you run ablate in).")
+                                 f"(relative paths are read from the directory you run ablate in)"
+                                 + (f", or create the files with: {install}" if install else "") + ".")

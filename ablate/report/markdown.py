@@ -691,6 +691,7 @@ def _provenance(r: dict, t: Text) -> str:
              f"- code: git {t.value(p.get('git_sha'))}, uncommitted changes: {t.value(p.get('git_dirty'))}",
              f"- device: {t.value(p.get('device'))} ({t.value(p.get('device_name'))})",
              f"- seed: {t.value(p.get('seed'))}",
+             *_teacher_files(r, t),
              f"- started: {t.value(p.get('started'))}; wall time {t.value(p.get('wall_seconds'))} s",
              f"- schema version: {t.value(r.get('schema_version'))}"]
     versions = p.get("versions") or {}
@@ -702,6 +703,14 @@ def _provenance(r: dict, t: Text) -> str:
     lines += _costs(r, t)
     lines += ["", "Command:", "", "```", t.value(p.get("command")), "```"]
     return "\n".join(lines)
+
+
+def _teacher_files(r: dict, t: Text) -> list[str]:
+    """The teacher's weights by content: a GGUF file's path and sha256 (results.json teacher)."""
+    teacher = r.get("teacher") or {}
+    if not teacher.get("gguf_sha256"):
+        return []
+    return [f"- teacher weights: {t.value(teacher.get('gguf_file'))}, sha256 {t.value(teacher['gguf_sha256'])}"]
 
 
 def _costs(r: dict, t: Text) -> list[str]:
