@@ -29,15 +29,9 @@ def find_run(runs_dir: Path, name: str | None) -> Path:
     raise AblateError(f"No run named {name!r} in {runs_dir}/. Available runs: {', '.join(r.name for r in runs)}.")
 
 
-def load_results(run_dir: Path) -> dict:
-    """A run's results.json read through the Results model (ablate.verdicts.schema)."""
-    from ablate.verdicts.schema import read_results
-
-    return read_results(run_dir / "results.json")
-
-
 def report_command(args, console) -> int:
     from ablate.report.markdown import render_comparison, render_report
+    from ablate.verdicts.schema import read_results
 
     runs_dir, reports_dir = Path(args.runs_dir), Path(args.reports_dir)
     other = getattr(args, "other", None)
@@ -49,7 +43,7 @@ def report_command(args, console) -> int:
         raise InputError(f"A second run ({other!r}) is read only with --outer; to set runs side by side use "
                          f"`ablate report {args.run} --compare {other}`.")
     main_dir = find_run(runs_dir, args.run)
-    results = load_results(main_dir)
+    results = read_results(main_dir / "results.json")
     if outer:
         args.compare = [other, *[c for c in args.compare if c != other]]
     if not args.compare:
@@ -57,7 +51,7 @@ def report_command(args, console) -> int:
         render_report(results, main_dir, path)
         console.print(f"report: {path}")
         return 0
-    others = [load_results(find_run(runs_dir, name)) for name in args.compare]
+    others = [read_results(find_run(runs_dir, name) / "results.json") for name in args.compare]
     path = reports_dir / f"{results['name']}-vs-{'-'.join(o['name'] for o in others)}.md"
     text = render_comparison([results, *others], path, outer=outer)
     console.print(text, markup=False, highlight=False)

@@ -174,14 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--name", help="base name of the runs and the report (default: the spec's name)")
     args = parser.parse_args(argv)
-    from ablate.cli.report_cli import load_results
+    from ablate.verdicts.schema import read_results
     from ablate.config.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     name = args.name or spec.name
     codes = run_all(args.spec, args.rows, args.overrides, name)
     done = [r for r in args.rows if (Path(spec.runs_dir) / run_name(name, r) / "results.json").is_file()]
-    results = [load_results(Path(spec.runs_dir) / run_name(name, r)) for r in done]
+    results = [read_results(Path(spec.runs_dir) / run_name(name, r) / "results.json") for r in done]
     report = Path(spec.reports_dir) / f"{name}.md"
     print(summarise(results, report))
     print(f"sweep report: {report}")

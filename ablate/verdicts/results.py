@@ -233,7 +233,7 @@ def read_subset(results: dict, seeds: set) -> dict:
 def seed_rates(results: dict, k: int = 3) -> str:
     """How often each threshold and discriminator reads each verdict: at every single seed, on the
     t-interval of every k-subset of the seeds, and over all seeds. `python -c 'import sys; from
-    ablate.verdicts.results import seed_rates, load; print(seed_rates(load(sys.argv[1])))' runs/X/results.json`."""
+    ablate.verdicts.results import seed_rates; from ablate.verdicts.schema import read_results; print(seed_rates(read_results(sys.argv[1])))' runs/X/results.json`."""
     seeds = [s["seed"] for s in results["thresholds"][0]["seeds"]]
     subsets = [set(c) for c in itertools.combinations(seeds, k)]
     readings = {"single seeds": [read_subset(results, {s}) for s in seeds],
@@ -247,12 +247,6 @@ def seed_rates(results: dict, k: int = 3) -> str:
             f"{what} " + ", ".join(f"{v} {n}/{len(readings[what])}" for v, n in c.items()) for what, c in counts.items())
             + f"; all {len(seeds)} seeds {whole[key]}")
     return "\n".join(lines)
-
-
-def load(path: str) -> dict:
-    from ablate.verdicts.schema import read_results
-
-    return read_results(path)
 
 
 def discriminated_pairs(spec: Spec) -> list[tuple[str, str]]:
