@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cli_run import ablate_in
+from cli_run import MICRO_DEMO, ablate_in, demo_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "specs" / "demo.toml"
-SPEC_ARGS = ["demo.toml", "--profile", "tiny", "--set", "backbone.pretrain.steps=2", "--set", "teacher.steps=2",
-             "--set", "train.steps=6", "--set", "train.checkpoint_every=2", "--device", "cpu", "--quiet"]
+SPEC_ARGS = [*MICRO_DEMO, "--set", "train.steps=6", "--set", "train.checkpoint_every=2", "--device", "cpu", "--quiet"]
 
 CRASHING_PLUGINS = '''
 """Test plugins written from the docs: each fails in its own way."""
@@ -76,11 +75,10 @@ def ablate_probes(register):
 
 
 @pytest.fixture(scope="module")
-def crashing_run(tmp_path_factory):
+def crashing_run(tmp_path_factory, micro_stages):
     """One run: cell 0's objective raises in its constructor, cell 1's at its 4th step, and a probe
     raises on router_on_real. An earlier report is in place. → (directory, exit code, output)."""
-    cwd = tmp_path_factory.mktemp("crashes")
-    shutil.copy(DEMO, cwd / "demo.toml")
+    cwd = demo_dir(tmp_path_factory.mktemp("crashes"), micro_stages)
     (cwd / "crashing.py").write_text(CRASHING_PLUGINS)
     (cwd / "reports").mkdir()
     (cwd / "reports" / "demo.md").write_text("# demo\n\nan earlier report\n")

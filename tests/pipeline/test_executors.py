@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cli_run import ablate_in
+from cli_run import MICRO_DEMO, ablate_in, demo_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC_ARGS = ["demo.toml", "--profile", "tiny", "--set", "backbone.pretrain.steps=2", "--set", "teacher.steps=2",
-             "--set", "train.steps=4", "--device", "cpu", "--quiet"]
+SPEC_ARGS = [*MICRO_DEMO, "--set", "train.steps=4", "--device", "cpu", "--quiet"]
 
 REVERSED_EXECUTOR = '''
 """Test executor: runs the jobs last to first, each from its JSON form, and keeps that JSON."""
@@ -50,10 +49,10 @@ def run(cwd: Path, monkeypatch, *extra: str) -> dict:
 
 
 @pytest.mark.slow
-def test_a_cell_gives_the_same_numbers_whichever_executor_runs_it_in_whatever_order(tmp_path, monkeypatch):
+def test_a_cell_gives_the_same_numbers_whichever_executor_runs_it_in_whatever_order(tmp_path, monkeypatch,
+                                                                                     micro_stages):
     for d in ("local", "reversed"):
-        (tmp_path / d).mkdir()
-        shutil.copy(ROOT / "specs" / "demo.toml", tmp_path / d / "demo.toml")
+        demo_dir(tmp_path / d, micro_stages)
     (tmp_path / "reversed" / "executor.py").write_text(REVERSED_EXECUTOR)
     local = run(tmp_path / "local", monkeypatch)
     other = run(tmp_path / "reversed", monkeypatch, "--executor", "reversed",

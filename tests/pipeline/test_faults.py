@@ -19,13 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ablate.pipeline import store
-from cli_run import ablate_in
+from cli_run import MICRO_DEMO, ablate_in, demo_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "specs" / "demo.toml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-SPEC_ARGS = ["demo.toml", "--profile", "tiny", "--set", "backbone.pretrain.steps=2", "--set", "teacher.steps=2",
-             "--set", "train.steps=10", "--set", "train.checkpoint_every=5"]
+SPEC_ARGS = [*MICRO_DEMO, "--set", "train.steps=10", "--set", "train.checkpoint_every=5"]
 
 FAULTY_OBJECTIVES = '''
 """Test plugin: CE made non-finite at one training step (counted from this process's first call)."""
@@ -89,11 +88,10 @@ FAULTS = ["--set", 'cells.0.objective={ name = "nan_loss", at = 7 }',
 
 
 @pytest.fixture(scope="module")
-def faulty_run(tmp_path_factory):
+def faulty_run(tmp_path_factory, micro_stages):
     """One run whose first cell's loss turns NaN at step 7 and second cell's gradient at step 3:
     (directory, exit code, printed output, plugin args)."""
-    cwd = tmp_path_factory.mktemp("faults")
-    shutil.copy(DEMO, cwd / "demo.toml")
+    cwd = demo_dir(tmp_path_factory.mktemp("faults"), micro_stages)
     (cwd / "faulty.py").write_text(FAULTY_OBJECTIVES)
     plugin = ["--plugin", str(cwd / "faulty.py")]
     printed = io.StringIO()

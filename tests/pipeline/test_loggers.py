@@ -20,11 +20,10 @@ from ablate.api.plugins import load_registry
 from ablate.config.spec import spec_from_dict
 from ablate.errors import SpecError
 from ablate.pipeline import events as ev
-from cli_run import ablate_in
+from cli_run import MICRO_DEMO, ablate_in
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC_ARGS = ["demo.toml", "--profile", "tiny", "--set", "backbone.pretrain.steps=2", "--set", "teacher.steps=2",
-             "--set", "train.steps=4", "--device", "cpu"]
+SPEC_ARGS = [*MICRO_DEMO, "--set", "train.steps=4", "--device", "cpu"]
 CELLS = ["router_off_real", "router_off_shuf", "router_on_real", "router_on_shuf"]
 WANDB_PLUGIN = ROOT / "plugins" / "examples" / "ablate-wandb-logger" / "ablate_wandb_logger" / "__init__.py"
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None

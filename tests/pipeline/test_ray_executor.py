@@ -18,11 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ablate.pipeline import store
-from cli_run import ablate_in
+from cli_run import MICRO_DEMO, ablate_in
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC_ARGS = ["demo.toml", "--profile", "tiny", "--set", "backbone.pretrain.steps=2", "--set", "teacher.steps=2",
-             "--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--device", "cpu", "--quiet"]
+SPEC_ARGS = [*MICRO_DEMO, "--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--device", "cpu", "--quiet"]
 RAY = ["--executor", "ray"]
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="Ray is not installed: pip install 'ablate[ray]'")
@@ -113,9 +112,9 @@ def same_numbers(a: dict, b: dict, shared_metrics: bool = False) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
+def local_run(tmp_path_factory, micro_stages):
     cwd = tmp_path_factory.mktemp("ray") / "local"
-    plugin = setup(cwd)
+    plugin = setup(cwd, cache_from=micro_stages)
     with pytest.MonkeyPatch.context() as mp:
         assert ablate_in(cwd, mp, "run", *SPEC_ARGS, *plugin) == 0
     return cwd

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -249,9 +248,11 @@ def test_check_tensor_names_shape_and_dtype(tmp_path):
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _holder(code: str, *args: str) -> subprocess.Popen:
+def _holder(code: str, *args: str, then: str = "pass") -> subprocess.Popen:
+    """A process that runs `code` (taking a lock), prints 'held', sleeps argv[2] seconds, runs
+    `then` while still holding it, and exits (the kernel releases its locks)."""
     proc = subprocess.Popen([sys.executable, "-c", f"import sys, time; from ablate.pipeline import store; {code}; "
-                             "print('held', flush=True); time.sleep(float(sys.argv[2]))", *args],
+                             f"print('held', flush=True); time.sleep(float(sys.argv[2])); {then}", *args],
                             env=ENV, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -275,14 +276,15 @@ def test_run_lock_refuses_a_second_writer_and_survives_sigkill(tmp_path):
 
 
 def test_stage_lock_waits_for_the_process_computing_the_entry(tmp_path):
-    holder = _holder("held = store.stage_lock(sys.argv[1], 'oracle-k', print); held.__enter__()", str(tmp_path), "0.5")
+    marker = tmp_path / "holder-finished"
+    holder = _holder("held = store.stage_lock(sys.argv[1], 'oracle-k', print); held.__enter__()", str(tmp_path), "0.5",
+                     then=f"open({str(marker)!r}, 'w').close()")
     waits = []
-    t0 = time.monotonic()
     with store.stage_lock(tmp_path, "oracle-k", waits.append):
-        waited = time.monotonic() - t0
+        finished_first = marker.exists()  # written by the holder while it still held the lock
     holder.wait()
     assert len(waits) == 1 and f"pid {holder.pid}" in waits[0] and "computing oracle-k" in waits[0]
-    assert waited > 0.1
+    assert finished_first
 
 
 # ---------------------------------------------------------------------------- cell directories
