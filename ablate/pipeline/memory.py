@@ -177,9 +177,12 @@ def teacher_shape(spec, device_type: str, vocab: int | None) -> TeacherShape | N
         return TeacherShape(_backbone_params(config), config.hidden_dim, config.num_layers, config.vocab_size, 2,
                             _dtype_bytes(p.get("dtype", "auto"), device_type), p.get("checkpoint") is None,
                             p.get("batch", 16), p.get("seq_len", 128), config.ffn_dim, "its parameters")
-    config = _hf_config(p.get("model", "TinyLlama/TinyLlama_v1.1" if plugin == "tinyllama" else None),
-                        p.get("revision", "main"))
-    source = "config.json"
+    if p.get("gguf_file"):
+        config, source = _gguf_config(p["gguf_file"]), "the GGUF file's header"
+    else:
+        config = _hf_config(p.get("model", "TinyLlama/TinyLlama_v1.1" if plugin == "tinyllama" else None),
+                            p.get("revision", "main"))
+        source = "config.json"
     if config is None and plugin == "tinyllama":
         config, source = dict(TINYLLAMA), "TinyLlama v1.1's config (not found on this machine)"
     try:
@@ -189,6 +192,17 @@ def teacher_shape(spec, device_type: str, vocab: int | None) -> TeacherShape | N
     except (TypeError, KeyError, ZeroDivisionError):
         return None
     return shape
+
+
+def _gguf_config(value: str) -> dict | None:
+    """The Llama config fields of a GGUF teacher, read from the file's header (no tensor data);
+    None when the file or the `gguf` package is missing (preflight names those)."""
+    try:
+        from ablate_builtins import gguf
+
+        return gguf.read_meta(gguf.find_gguf(value))
+    except Exception:
+        return None
 
 
 def _backbone_params(config) -> int:
@@ -270,13 +284,30 @@ def _shard_tokens(path: Path, tensor: str) -> int | None:
     return None
 
 
-def vocab_size(spec, teacher: TeacherShape | None) -> tuple[int, str | None]:
+def vocab_size(spec, teacher: TeacherShape | None, registry=None) -> tuple[int, str | None]:
+    """The student's vocabulary: the spec's, else the corpus plugin's known size (its tokenizer
+    file, read without tokenising), else the teacher's, else DEFAULT_VOCAB with a note."""
     v = spec.corpus.params().get("vocab_size")
     if isinstance(v, int) and v > 0:
         return v, None
+    known = _corpus_vocab(spec, registry)
+    if known:
+        return known, None
     if teacher is not None:
         return teacher.vocab, None
     return DEFAULT_VOCAB, f"the vocabulary size is not in the spec: {DEFAULT_VOCAB:,} assumed"
+
+
+def _corpus_vocab(spec, registry) -> int | None:
+    if registry is None:
+        return None
+    from ablate.pipeline.preflight import corpus_params
+
+    try:
+        corpus_cls = registry.get("corpus", spec.corpus.plugin)
+        return corpus_cls(corpus_cls.Params.model_validate(corpus_params(spec, corpus_cls))).known_vocab_size()
+    except Exception:  # an unreadable tokenizer or bad parameters: preflight reports those
+        return None
 
 
 # -------------------------------------------------------------------------------- estimate
@@ -287,7 +318,7 @@ def estimate(spec, device_type: str = "cuda", registry=None) -> list[StageMemory
     bf16 where the run uses it on CUDA (autocast, "auto" teacher dtypes), float32 on the CPU."""
     notes: list[str] = []
     shape = teacher_shape(spec, device_type, spec.corpus.params().get("vocab_size"))
-    V, why = vocab_size(spec, shape)
+    V, why = vocab_size(spec, shape, registry)
     notes += [why] if why else []
     if shape is None and spec.oracle.source != "files":
         notes.append(f"the size of teacher {spec.teacher.plugin!r} is unknown here: its weights and activations "
@@ -389,7 +420,7 @@ def _needs_sidecar(cell, registry) -> bool:
 def cell_memory(spec, device_type: str = "cuda", registry=None) -> dict[str, StageMemory]:
     """Every cell's own peak (device terms only), by cell name."""
     shape = teacher_shape(spec, device_type, spec.corpus.params().get("vocab_size"))
-    V, _ = vocab_size(spec, shape)
+    V, _ = vocab_size(spec, shape, registry)
     return _cells(spec, device_type, student_shape(spec, V), V, registry, device_type == "cuda")
 
 

@@ -171,7 +171,11 @@ def read_meta(file: Path) -> dict[str, Any]:
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     return {"architecture": arch, "num_hidden_layers": value(f"{arch}.block_count"),
             "hidden_size": value(f"{arch}.embedding_length"),
+            "intermediate_size": value(f"{arch}.feed_forward_length"),
+            "num_attention_heads": value(f"{arch}.attention.head_count"),
+            "num_key_value_heads": value(f"{arch}.attention.head_count_kv"),
             "vocab_size": len(tokens.data) if tokens is not None else value(f"{arch}.vocab_size"),
+            "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
             "name": value("general.name")}
 
 

@@ -169,3 +169,17 @@ def test_smoke_profile_oracle_pass_on_real_text(smoke, teacher, tmp_path):
     unigram = float(-(freq * freq.log()).sum())
     assert stats["teacher_ce"] < unigram - 1.0 < math.log(49152)
     assert stats["teacher_top1"] > 0.2
+
+
+@needs_smollm2
+def test_memory_estimate_reads_the_gguf_header(teacher, smoke):
+    """`ablate plan` sizes the teacher from the GGUF header alone (no dequantisation); checked
+    against the converted model's own parameter count, and the vocabulary from the corpus's
+    tokenizer (the spec names none)."""
+    from ablate.pipeline import memory
+
+    shape = memory.teacher_shape(smoke, "cuda", None)
+    model = teacher[3].model
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert (shape.hidden, shape.layers, shape.vocab) == (576, 30, 49152)
+    assert memory.vocab_size(smoke, None, load_registry()) == (49152, None)
