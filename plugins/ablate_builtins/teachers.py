@@ -133,7 +133,7 @@ def check_hf_vocab(directory: Path, config: dict[str, Any], corpus_vocab_size: i
 
 
 class HFTeacherModel(LoadedTeacher):
-    """A Hugging Face causal LM run with output_hidden_states under inference mode."""
+    """A Hugging Face causal LM under inference mode: the configured hidden state and the logits."""
 
     def __init__(self, model, layer_index: int, device: torch.device, info: dict[str, Any]):
         self.model = model
@@ -144,17 +144,43 @@ class HFTeacherModel(LoadedTeacher):
         self.info = info
         self.permutation: torch.Tensor | None = None  # [V] int64: vocab_permutation_seed's map, on the device
 
+    def _state_module(self) -> torch.nn.Module | None:
+        """The module whose output is hidden_states[layer_index] of an HF decoder (k = 0: the token
+        embedding; 1 ≤ k < L: block k − 1; k = L: the final norm); None for a layout it does not know."""
+        base = getattr(self.model, "base_model", None)
+        blocks, norm = getattr(base, "layers", None), getattr(base, "norm", None)
+        if not isinstance(blocks, torch.nn.ModuleList) or norm is None:
+            return None
+        k = self.layer_index % (len(blocks) + 1)
+        return self.model.get_input_embeddings() if k == 0 else norm if k == len(blocks) else blocks[k - 1]
+
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, T] → (hidden [B, T, H], logits [B, T, V]) as float32 on the model device. With a
         permutation σ the teacher reads σ(tokens) and its logit j is the model's σ(j): a teacher whose
-        tokenizer numbers the same tokens otherwise, read without translation (reference §12)."""
+        tokenizer numbers the same tokens otherwise, read without translation (reference §12).
+
+        The one hidden state is taken by a forward hook on the module that computes it, so the other
+        L hidden states [B, T, H] are never kept (output_hidden_states holds them all: 2.9 GiB for
+        TinyLlama at 16 × 2048 tokens); models of another layout fall back to output_hidden_states."""
         tokens = tokens.to(self.device)
         sigma = self.permutation
+        inputs = tokens if sigma is None else sigma[tokens]
+        module = self._state_module()
+        captured: list[torch.Tensor] = []
         with torch.inference_mode():
-            out = self.model(input_ids=tokens if sigma is None else sigma[tokens], output_hidden_states=True,
-                             use_cache=False)
+            if module is None:
+                out = self.model(input_ids=inputs, output_hidden_states=True, use_cache=False)
+                hidden = out.hidden_states[self.layer_index]
+            else:
+                hook = module.register_forward_hook(
+                    lambda _m, _i, o: captured.append(o[0] if isinstance(o, tuple) else o))
+                try:
+                    out = self.model(input_ids=inputs, use_cache=False)
+                finally:
+                    hook.remove()
+                hidden = captured[-1]
             logits = out.logits.float()
-            return out.hidden_states[self.layer_index].float(), logits if sigma is None else logits[..., sigma]
+            return hidden.float(), logits if sigma is None else logits[..., sigma]
 
 
 def load_hf_teacher(directory: Path, *, dtype: str, layer: int, device: torch.device,

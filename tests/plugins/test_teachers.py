@@ -81,7 +81,7 @@ def test_resolve_layer_is_python_indexing_of_the_hidden_state_tuple(num_layers, 
 # --------------------------------------------------------------------------- hf-causal-lm
 
 
-@pytest.mark.parametrize("layer", [-2, 1, 0])
+@pytest.mark.parametrize("layer", [-4, -2, -1, 0, 1, 3])  # every hidden state of 3 blocks, the final norm's included
 def test_hf_directory_loads_through_from_pretrained(tmp_path, layer):
     save_tiny_llama(tmp_path / "m")
     teacher = HFCausalLMTeacher(HFCausalLMTeacher.Params(model=str(tmp_path / "m"), layer=layer))
