@@ -9,7 +9,8 @@
 #                                             (no network), install ablate, then run
 #                                             1. the tests marked `cuda` (pytest -m cuda), and
 #                                             2. scripts/fullscale_random.sh at full dimensions with
-#                                                --set train.steps=200, to its report with exit 0.
+#                                                --set train.steps=200 and --memory-budget 16GiB (the
+#                                                process held to a 16 GB card), to its report with exit 0.
 # Its last line is `gpu-check: N passed, N failed` (each cuda test and the full run count as one).
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -74,8 +75,9 @@ PY
 fi
 
 if [ "$only" = all ] || [ "$only" = fullscale ]; then
+  # held to a 16 GB card's memory (--memory-budget: set_per_process_memory_fraction), as our users' cards are
   bash scripts/fullscale_random.sh "$work/fullscale" --set train.steps=200 \
-    --set oracle.max_tokens="${GPU_CHECK_ORACLE_TOKENS:-4000000}" --quiet
+    --set oracle.max_tokens="${GPU_CHECK_ORACLE_TOKENS:-4000000}" --memory-budget "${GPU_CHECK_MEMORY_BUDGET:-16GiB}" --quiet
   rc=$?
   if [ $rc -eq 0 ] && [ -s "$work/fullscale/reports/zeb139.md" ]; then
     passed=$((passed + 1)); echo "full-dimension ZEB-139 run: exit 0, report $work/fullscale/reports/zeb139.md"

@@ -45,7 +45,8 @@ def _memory_budget(text: str) -> int:
 def _budget(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", type=_memory_budget, default=None, metavar="SIZE",
                    help="the GPU memory of the card you plan to use, e.g. 16GiB: refuse a spec whose estimated "
-                        "peak does not fit it (default: the device's own memory; with --device cpu, host memory)")
+                        "peak does not fit it (default: the device's own memory; with --device cpu, host memory); "
+                        "`run` on CUDA also holds its own process to it (torch.cuda.set_per_process_memory_fraction)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +268,12 @@ def cmd_run(args) -> int:
     exp = Experiment(spec, registry, device, ui, command=command, fresh=args.fresh)
     exp.retry_failed = args.retry_failed  # read by cell_job.cell_jobs
     exp.memory_budget = args.memory_budget  # read by memory.check_run (preflight)
+    if device.type == "cuda" and args.memory_budget is not None:
+        from ablate.pipeline import memory
+
+        fraction = memory.cap_cuda(device, args.memory_budget)
+        console.print(f"GPU memory held to --memory-budget {memory.fmt_gib(args.memory_budget)} GiB "
+                      f"({fraction:.1%} of the card) in this process")
     console.print(f"[bold]ablate run[/] {spec.name} on {device} — {len(spec.cells)} cells")
     try:
         results = exp.run()

@@ -116,7 +116,7 @@ class TeacherShape:
     hidden: int
     layers: int
     vocab: int
-    states: int  # hidden states its forward returns at once ((layers + 1) for an HF model)
+    states: int  # hidden states its forward holds at once (an HF model: 1, taken by a hook; same-arch: 2)
     dtype_bytes: int
     trains: bool  # trained in the teacher stage (llama-local, same-arch without checkpoint)
     batch: int = 0
@@ -166,7 +166,7 @@ def teacher_shape(spec, device_type: str, vocab: int | None) -> TeacherShape | N
              "intermediate_size": p.get("intermediate_size", 344), "num_attention_heads": p.get("num_heads", 4),
              "num_key_value_heads": p.get("num_kv_heads", 2), "vocab_size": vocab or DEFAULT_VOCAB}
         return TeacherShape(_llama_params(c), c["hidden_size"], c["num_hidden_layers"], c["vocab_size"],
-                            c["num_hidden_layers"] + 1, _dtype_bytes(p.get("dtype", "float32"), device_type), True,
+                            1, _dtype_bytes(p.get("dtype", "float32"), device_type), True,
                             p.get("batch", 16), p.get("seq_len", 128), c["intermediate_size"], "its parameters")
     if plugin == "same-arch":
         from ablate.model.backbone import BackboneConfig
@@ -187,7 +187,7 @@ def teacher_shape(spec, device_type: str, vocab: int | None) -> TeacherShape | N
         config, source = dict(TINYLLAMA), "TinyLlama v1.1's config (not found on this machine)"
     try:
         shape = TeacherShape(_llama_params(config), config["hidden_size"], config["num_hidden_layers"],
-                             config["vocab_size"], config["num_hidden_layers"] + 1,
+                             config["vocab_size"], 1,
                              _dtype_bytes(p.get("dtype", "auto"), device_type), False, source=source)
     except (TypeError, KeyError, ZeroDivisionError):
         return None
@@ -398,8 +398,9 @@ def _oracle_stage(spec, device_type, corpus, shape: TeacherShape | None, V: int,
         s.device += [Term(f"hidden-state sums [{o.rows + 1:,} × {H:,}] float64", (o.rows + 1) * H * 8, "oracle.rows", "hidden sums"),
                      Term(f"teacher weights ({shape.params / 1e9:.2f}B parameters, {8 * tb}-bit)",
                           shape.params * tb, "teacher", "teacher weights"),
-                     Term(f"teacher outputs for one batch [{o.batch}·{o.seq_len}]: {shape.states} hidden states, "
-                          f"logits [·, {V:,}] and their float32 copies", positions * per_position,
+                     Term(f"teacher outputs for one batch [{o.batch}·{o.seq_len}]: {shape.states} hidden "
+                          f"state{'s' if shape.states > 1 else ''}, logits [·, {V:,}] and their float32 copies",
+                          positions * per_position,
                           "oracle.batch", "teacher outputs, one batch")]
         if not shape.trains and device_type == "cuda":  # from_pretrained reads the weights on the host first
             s.host.append(Term("teacher weights while loading", shape.params * tb, "teacher", "teacher weights"))
@@ -552,6 +553,18 @@ def limit_for(device=None, budget: int | None = None) -> Limit:
         return Limit("cpu", budget, f"--memory-budget {fmt_gib(budget)} GiB", budget=True)
     return Limit("cpu", host, f"{fmt_gib(host)} GiB of host memory (no GPU here: the run would be on the CPU, "
                               "in float32)" if host else "")
+
+
+def cap_cuda(device, budget: int) -> float:
+    """Hold this process's CUDA caching allocator to `budget` bytes (torch.cuda.set_per_process_memory_fraction),
+    so that a run checked against --memory-budget 16GiB on a larger card fails with out-of-memory
+    where the 16 GiB card would, instead of quietly using more. Returns the fraction of the card."""
+    import torch
+
+    total, _ = cuda_memory(device)
+    fraction = min(1.0, budget / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
 
 
 def fmt_gib(n: float | None) -> str:

@@ -139,3 +139,19 @@ def test_ray_executor_gives_the_local_numbers_on_cuda(tmp_path):
         for key, value in cell["metrics"].items():
             assert cells["ray"][name]["metrics"][key] == pytest.approx(value, rel=2e-2, abs=1e-3), (name, key)
     print(f"wall seconds: local {walls['local']:.1f}, ray {walls['ray']:.1f} (stages cached for the second)")
+
+
+def test_memory_budget_holds_the_process_to_the_card_it_names():
+    """`ablate run --memory-budget 1GiB` on CUDA: 0.5 GiB still fits, 2 GiB is out of memory."""
+    from ablate.pipeline import memory
+
+    device = torch.device("cuda")
+    try:
+        memory.cap_cuda(device, memory.GIB)
+        half = torch.empty(memory.GIB // 2, dtype=torch.uint8, device=device)
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(2 * memory.GIB, dtype=torch.uint8, device=device)
+        del half
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
