@@ -561,9 +561,11 @@ def cap_cuda(device, budget: int) -> float:
     where the 16 GiB card would, instead of quietly using more. Returns the fraction of the card."""
     import torch
 
-    total, _ = cuda_memory(device)
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" names no index
+    total, _ = cuda_memory(index)
     fraction = min(1.0, budget / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     return fraction
 
 

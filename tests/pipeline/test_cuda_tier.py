@@ -153,5 +153,5 @@ def test_memory_budget_holds_the_process_to_the_card_it_names():
             torch.empty(2 * memory.GIB, dtype=torch.uint8, device=device)
         del half
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
         torch.cuda.empty_cache()

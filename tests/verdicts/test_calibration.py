@@ -132,10 +132,15 @@ def test_rows_sweep_onset_edges(tmp_path):
 # ------------------------------------------------------------------------------ end to end
 
 
+def start_ablate(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ablate.cli.main", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+
+
 def ablate_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "ablate.cli.main", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=900)
+    proc = start_ablate(args, cwd)
+    out, err = proc.communicate(timeout=900)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def expected_rows(spec_path: Path) -> dict[str, str]:
@@ -158,13 +163,17 @@ SEED_RUNS = {"null": ["--set", "sweep.seed=[0,1,2]"]}
 def test_calibration_specs_meet_their_expectations(tmp_path):
     """positive → clean_positive, null (over three seeds) → holds everywhere, cheap_win → cheap_win;
     each run exits 0 and prints every expectation as met. The three runs share one cache, as in
-    docs/calibration.md."""
+    docs/calibration.md, and run at the same time (one thread each: the suite's longest test)."""
     (tmp_path / "specs").mkdir()
-    for name in ("positive", "null", "cheap_win"):
+    names = ("positive", "null", "cheap_win")
+    for name in names:
+        shutil.copy(CALIBRATION / f"{name}.toml", tmp_path / "specs" / f"{name}.toml")
+    runs = {name: start_ablate(["run", f"specs/{name}.toml", "--quiet", "--device", "cpu", *SEED_RUNS.get(name, [])],
+                               tmp_path) for name in names}
+    for name, proc in runs.items():
         spec = tmp_path / "specs" / f"{name}.toml"
-        shutil.copy(CALIBRATION / f"{name}.toml", spec)
-        out = ablate_cli(["run", f"specs/{name}.toml", "--quiet", "--device", "cpu", *SEED_RUNS.get(name, [])],
-                         tmp_path)
+        stdout, stderr = proc.communicate(timeout=900)
+        out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
         assert out.returncode == 0, out.stdout + out.stderr
         results = json.loads(next((tmp_path / "runs").glob(f"calibration_{name}/results.json")).read_text())
         got = {e["what"]: e for e in results["expectations"]}
