@@ -5,7 +5,7 @@
 - One torch thread, here and in every subprocess (OMP_NUM_THREADS=1): on a busy 2-core machine
   torch's default threads slow an end-to-end test many-fold (measured: 323 s with default
   threads, 16.7 s with one); the suite runs in parallel over the cores instead (pytest-xdist,
-  one worker per core; tests marked `first` start first).
+  one worker per core; files marked `seconds(n)` start longest first).
 - Tests marked `cuda` form the CUDA tier: they run where torch sees a GPU (scripts/gpu-check.sh)
   and are skipped elsewhere.
 """
@@ -27,9 +27,10 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
-    # The longest test first: under pytest-xdist (`-n auto --dist loadfile`, the README's command)
-    # each file goes to one worker in collection order, and a long file started last would run alone.
-    items.sort(key=lambda item: item.get_closest_marker("first") is None)
+    # Longest files first: under pytest-xdist (`-n auto --dist loadfile --no-loadscope-reorder`, the
+    # README's command) each file goes to one worker in collection order, and a long file started
+    # last would run alone at the end. `seconds(n)` marks a file's (or test's) cost on one core.
+    items.sort(key=lambda item: -max((m.args[0] for m in item.iter_markers("seconds")), default=0))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="cuda tier: torch sees no CUDA device")

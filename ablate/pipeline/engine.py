@@ -95,7 +95,8 @@ class Experiment:
             raise failure from exc
 
     def _run_locked(self, corpus_cls, t_start: float) -> dict:
-        store.remove_temps(self.paths.run_dir)  # half-written files of a killed run
+        for directory in [self.paths.run_dir, *sorted((self.paths.run_dir / "cells").glob("*"))]:
+            store.remove_temps(directory)  # half-written files of a killed run, finished cells' included
         store.remove_temps(self.paths.report.parent, self.paths.report.name)
         if self.fresh:
             self._clear_fresh()

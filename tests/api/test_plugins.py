@@ -15,6 +15,8 @@ from ablate.api.plugins import load_registry
 
 from cli_run import ablate_in
 
+pytestmark = pytest.mark.seconds(39)  # on one core (tests/conftest.py: longest files first)
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "plugins" / "examples" / "ablate-example-objective"
 EXAMPLE_PROBE = ROOT / "plugins" / "examples" / "ablate-example-probe"

@@ -22,6 +22,8 @@ from ablate.errors import SpecError
 from ablate.pipeline import events as ev
 from cli_run import MICRO_DEMO, ablate_in
 
+pytestmark = pytest.mark.seconds(28)  # on one core (tests/conftest.py: longest files first)
+
 ROOT = Path(__file__).resolve().parents[2]
 SPEC_ARGS = [*MICRO_DEMO, "--set", "train.steps=4", "--device", "cpu"]
 CELLS = ["router_off_real", "router_off_shuf", "router_on_real", "router_on_shuf"]

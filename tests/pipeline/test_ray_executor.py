@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from ablate.pipeline import store
 from cli_run import MICRO_DEMO, ablate_in
 
+pytestmark = pytest.mark.seconds(70)  # on one core (tests/conftest.py: longest files first)
+
 ROOT = Path(__file__).resolve().parents[2]
 SPEC_ARGS = [*MICRO_DEMO, "--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--device", "cpu", "--quiet"]
 RAY = ["--executor", "ray"]

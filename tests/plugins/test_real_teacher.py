@@ -26,6 +26,8 @@ from ablate_builtins import gguf
 from ablate_builtins.corpora import TextFilesCorpus
 from ablate_builtins.teachers import HFCausalLMTeacher
 
+pytestmark = pytest.mark.seconds(34)  # on one core (tests/conftest.py: longest files first)
+
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "specs" / "real" / "smollm2.toml"
 SWORD_MODULE = Path("/usr/share/sword/modules/comments/zcom/tdavid")

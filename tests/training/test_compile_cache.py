@@ -15,6 +15,8 @@ import pytest
 from ablate.training import compile_cache
 from cli_run import ablate_in
 
+pytestmark = pytest.mark.seconds(25)  # on one core (tests/conftest.py: longest files first)
+
 SCRIPT = """
 import sys, torch
 from pathlib import Path

@@ -11,7 +11,7 @@ import pytest
 from ablate.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.seconds(23)]
 
 
 def _workdir(tmp_path, monkeypatch, spec):

@@ -159,7 +159,7 @@ SEED_RUNS = {"null": ["--set", "sweep.seed=[0,1,2]"]}
 
 
 @pytest.mark.slow
-@pytest.mark.first  # the suite's longest test (~150 s on one core)
+@pytest.mark.seconds(110)  # the suite's longest test: three runs at once
 def test_calibration_specs_meet_their_expectations(tmp_path):
     """positive → clean_positive, null (over three seeds) → holds everywhere, cheap_win → cheap_win;
     each run exits 0 and prints every expectation as met. The three runs share one cache, as in
