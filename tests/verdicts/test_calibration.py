@@ -153,23 +153,18 @@ def expected_rows(spec_path: Path) -> dict[str, str]:
     return out
 
 
-# The CI's small version of the seed calibration (docs/calibration.md: 20 seeds): the null over three
-# seeds, its expectations read on the seeds' t-intervals. Seed 0 trains exactly as the plain spec.
-SEED_RUNS = {"null": ["--set", "sweep.seed=[0,1,2]"]}
-
 
 @pytest.mark.slow
-@pytest.mark.seconds(110)  # the suite's longest test: three runs at once
+@pytest.mark.seconds(80)  # the suite's longest test: three runs at once
 def test_calibration_specs_meet_their_expectations(tmp_path):
-    """positive → clean_positive, null (over three seeds) → holds everywhere, cheap_win → cheap_win;
+    """positive → clean_positive, null → holds everywhere, cheap_win → cheap_win;
     each run exits 0 and prints every expectation as met. The three runs share one cache, as in
     docs/calibration.md, and run at the same time (one thread each: the suite's longest test)."""
     (tmp_path / "specs").mkdir()
     names = ("positive", "null", "cheap_win")
     for name in names:
         shutil.copy(CALIBRATION / f"{name}.toml", tmp_path / "specs" / f"{name}.toml")
-    runs = {name: start_ablate(["run", f"specs/{name}.toml", "--quiet", "--device", "cpu", *SEED_RUNS.get(name, [])],
-                               tmp_path) for name in names}
+    runs = {name: start_ablate(["run", f"specs/{name}.toml", "--quiet", "--device", "cpu"], tmp_path) for name in names}
     for name, proc in runs.items():
         spec = tmp_path / "specs" / f"{name}.toml"
         stdout, stderr = proc.communicate(timeout=900)
@@ -184,9 +179,6 @@ def test_calibration_specs_meet_their_expectations(tmp_path):
             assert got[what]["expected"].startswith(expected)
             assert f"expect ✓ {what}: expected {got[what]['expected']}, got {got[what]['got']}" in out.stdout
         assert "expect ✗" not in out.stdout
-        if name in SEED_RUNS:
-            assert all(t["n_seeds"] == 3 and t["verdict"] == "HOLD" for t in results["thresholds"])
-            assert [d["outcome"] for d in results["discriminator"][0]["per_seed"]] == ["holds"] * 3
     report = (tmp_path / "reports" / "calibration_positive.md").read_text()
     assert "**kl_real vs kl_shuf** (control oracle: shuffled): the control is **a no-op for retrieval**" in report
 
