@@ -159,10 +159,10 @@ def test_smoke_profile_oracle_pass_on_real_text(smoke, teacher, tmp_path):
     assert tokenizer_identity.check(corpus.tokenizer_path, t)["match"] is True  # one tokenizer: the GGUF file's
 
     cfg = oracle_config(smoke)
-    assert cfg.max_tokens == 4096
+    assert cfg.max_tokens == 2048
     oracle = build_oracle(loaded, corpus.train, cfg, "cpu")
     stats = oracle.stats
-    assert stats["tokens"] == 4096 and stats["teacher"]["gguf_sha256"] == t.params.gguf_sha256
+    assert stats["tokens"] == 2048 and stats["teacher"]["gguf_sha256"] == t.params.gguf_sha256
     assert oracle.table.shape == (cfg.rows, cfg.engram_dim) and oracle.sidecar.shape == (cfg.rows, 49152)
     assert torch.isfinite(oracle.table).all() and torch.isfinite(oracle.sidecar).all()
     # a real model reading its own tokenizer's text: far better than the corpus's unigram frequencies
