@@ -735,13 +735,15 @@ def _costs(r: dict, t: Text) -> list[str]:
              table(header, [row(name, s) for name, s in stages.items()])]
     cells = {n: c for n, c in (r.get("cells") or {}).items() if c.get("seconds") is not None}
     if cells:
-        cell_header = ["cell", "cached", "seconds", "training tokens/s"]
+        cell_header = ["cell", "cached", "seconds", "training tokens/s", "first step (ms)", "median step (ms)"]
         cell_header += ["compiled", "peak GPU allocated (GiB)"] if gpu else []
-        rows = [[n, t.cell(c.get("cached")), t.cell(c.get("seconds")), fmt_rate(c.get("tokens_per_s"))]
+        rows = [[n, t.cell(c.get("cached")), t.cell(c.get("seconds")), fmt_rate(c.get("tokens_per_s")),
+                 t.cell(c.get("first_step_ms")), t.cell(c.get("median_step_ms"))]
                 + ([t.cell(c.get("compiled")), t.cell(c.get("peak_gpu_allocated_gib"))] if gpu else [])
                 for n, c in cells.items()]
-        lines += ["", "Cells (seconds include evaluation and checkpoints; tokens/s excludes them):", "",
-                  table(cell_header, rows)]
+        lines += ["", "Cells (seconds include evaluation and checkpoints; tokens/s excludes them; the first "
+                  "training step is timed alone, so what only it pays, compilation on CUDA included, shows as "
+                  "its excess over the median step):", "", table(cell_header, rows)]
     return lines
 
 

@@ -79,6 +79,7 @@ def build_results(ctx, corpus, r_teacher, oracle, records, cell_metrics, pairs, 
             "history": _thin(rec.get("history", []), 200),
             "seconds": outcome.get("seconds"), "tokens_per_s": outcome.get("tokens_per_s"),
             "peak_gpu_allocated_gib": outcome.get("peak_gpu_allocated_gib"), "compiled": outcome.get("compiled"),
+            **step_times(rec.get("history", [])),
         }
     results = {
         "schema_version": RESULTS_SCHEMA_VERSION,
@@ -280,6 +281,18 @@ def unigram_entropy(frequencies: torch.Tensor) -> float:
     p = frequencies.double() / frequencies.double().sum()
     p = p[p > 0]
     return float(-(p * p.log()).sum())
+
+
+def step_times(history: list[dict]) -> dict[str, float | None]:
+    """The first training step's time and the median of the later logged intervals' per-step
+    times (ms), from a cell's logged rows: step 0 is always logged alone, so its dt_ms is that one
+    step, with what only the first step pays (compilation on CUDA, kernel selection, the
+    allocator's warm-up). None where the rows do not say (no step-0 row, or no later row)."""
+    first = next((r["dt_ms"] for r in history[:1] if r.get("step") == 0 and "dt_ms" in r), None)
+    later = sorted(r["dt_ms"] for r in history if r.get("step", 0) > 0 and "dt_ms" in r)
+    median = None if not later else (later[len(later) // 2] if len(later) % 2 else
+                                     (later[len(later) // 2 - 1] + later[len(later) // 2]) / 2)
+    return {"first_step_ms": first, "median_step_ms": median}
 
 
 def _thin(rows: list[dict], n: int) -> list[dict]:

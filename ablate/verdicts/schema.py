@@ -49,6 +49,8 @@ class CellResult(Open):
     tokens_per_s: float | None = None
     peak_gpu_allocated_gib: float | None = None
     compiled: bool | None = None
+    first_step_ms: float | None = None  # the first training step alone: what only it pays shows here
+    median_step_ms: float | None = None  # the median per-step time of the later logged intervals
 
 
 class Results(Open):
