@@ -31,7 +31,8 @@ WANDB_PLUGIN = ROOT / "plugins" / "examples" / "ablate-wandb-logger" / "ablate_w
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
 HAS_RAY = importlib.util.find_spec("ray") is not None
-TIMING = {"provenance", "seconds", "wall_seconds", "stage_seconds", "tokens_per_s", "dt_ms"}  # differ run to run
+TIMING = {"provenance", "seconds", "wall_seconds", "stage_seconds", "tokens_per_s", "dt_ms", "first_step_ms",
+          "median_step_ms"}  # differ run to run
 
 LOGGERS = '''
 """Test loggers: one writes every event as a JSON line, one raises on every event."""
