@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 
 import torch
 
@@ -289,10 +290,8 @@ def step_times(history: list[dict]) -> dict[str, float | None]:
     step, with what only the first step pays (compilation on CUDA, kernel selection, the
     allocator's warm-up). None where the rows do not say (no step-0 row, or no later row)."""
     first = next((r["dt_ms"] for r in history[:1] if r.get("step") == 0 and "dt_ms" in r), None)
-    later = sorted(r["dt_ms"] for r in history if r.get("step", 0) > 0 and "dt_ms" in r)
-    median = None if not later else (later[len(later) // 2] if len(later) % 2 else
-                                     (later[len(later) // 2 - 1] + later[len(later) // 2]) / 2)
-    return {"first_step_ms": first, "median_step_ms": median}
+    later = [r["dt_ms"] for r in history if r.get("step", 0) > 0 and "dt_ms" in r]
+    return {"first_step_ms": first, "median_step_ms": statistics.median(later) if later else None}
 
 
 def _thin(rows: list[dict], n: int) -> list[dict]:
