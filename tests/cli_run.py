@@ -28,12 +28,12 @@ MICRO_DEMO = ["demo.toml", "--profile", "tiny", "--set", "backbone.pretrain.step
 STAGES = ("corpus", "backbone", "teacher", "oracle")
 
 
-def demo_dir(cwd: Path, stages_from: Path | None = None) -> Path:
-    """cwd (created) holding the demo spec and, from `stages_from`'s cache, the entries of the
-    stages before the cells, so that a run there starts at its cells."""
+def demo_dir(cwd: Path, stages_from: Path | None = None, stages: tuple[str, ...] = STAGES) -> Path:
+    """cwd (created) holding the demo spec and, from `stages_from`'s cache, the entries of
+    `stages` (default: every stage before the cells, so that a run there starts at its cells)."""
     cwd.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "specs" / "demo.toml", cwd / "demo.toml")
-    for stage in STAGES if stages_from is not None else ():
+    for stage in stages if stages_from is not None else ():
         for entry in (stages_from / ".ablate-cache").glob(f"{stage}-*"):
             shutil.copytree(entry, cwd / ".ablate-cache" / entry.name)
     return cwd

@@ -24,15 +24,13 @@ import pytest
 import torch
 
 from ablate.pipeline import store
-from cli_run import ablate_in
+from cli_run import STAGES, ablate_in, demo_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "specs" / "demo.toml"
 ABLATE = shutil.which("ablate") or str(Path(sys.executable).with_name("ablate"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 SPEC_ARGS = ["demo.toml", "--profile", "tiny", "--set", "train.steps=10", "--set", "train.checkpoint_every=5"]
 ARGS = [*SPEC_ARGS, "--device", "cpu"]
-STAGES = ("corpus", "backbone", "teacher", "oracle")
 CELLS = ("router_off_real", "router_off_shuf", "router_on_real", "router_on_shuf")
 TIMING = {"dt_ms", "tokens_per_s", "seconds"}
 
@@ -40,16 +38,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.seconds(100)]
 
 
 # ----------------------------------------------------------------------------------- helpers
-
-
-def workdir(path: Path, seed: Path | None = None, stages: tuple[str, ...] = ()) -> Path:
-    """A fresh directory with the demo spec; `stages` cache entries copied from `seed`'s cache."""
-    path.mkdir(parents=True)
-    shutil.copy(DEMO, path / "demo.toml")
-    for stage in stages:
-        for entry in (seed / ".ablate-cache").glob(f"{stage}-*"):
-            shutil.copytree(entry, path / ".ablate-cache" / entry.name)
-    return path
 
 
 def run_ablate(cwd: Path, *extra: str, quiet: bool = True) -> subprocess.CompletedProcess:
@@ -122,7 +110,7 @@ def plan_of(cwd: Path, *overrides: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> tuple[Path, dict]:
     """One uninterrupted run: its directory and results."""
-    cwd = workdir(tmp_path_factory.mktemp("resume") / "baseline")
+    cwd = demo_dir(tmp_path_factory.mktemp("resume") / "baseline")
     done = run_ablate(cwd)
     assert done.returncode == 0, done.stderr
     return cwd, results_of(cwd)
@@ -157,7 +145,7 @@ KILL_POINTS = {
 def test_sigkill_then_resume_equals_uninterrupted(point, baseline, tmp_path):
     base_dir, base = baseline
     seeded, target, killed_in_time = KILL_POINTS[point]
-    cwd = workdir(tmp_path / "run", base_dir, seeded)
+    cwd = demo_dir(tmp_path / "run", base_dir, seeded)
     proc = start_ablate(cwd)
     wait_for(proc, lambda: (lambda p: p is not None and p.exists())(target(cwd)))
     sigkill(proc)
@@ -187,7 +175,7 @@ def test_sigkill_then_resume_equals_uninterrupted(point, baseline, tmp_path):
 
 def test_sigint_mid_cell_saves_prints_resume_and_exits_130(baseline, tmp_path):
     base_dir, base = baseline
-    cwd = workdir(tmp_path / "run", base_dir, STAGES)
+    cwd = demo_dir(tmp_path / "run", base_dir, STAGES)
     proc = start_ablate(cwd)
     state = _cell_file("router_off_shuf", "state.safetensors")(cwd)
     wait_for(proc, state.exists)
@@ -210,7 +198,7 @@ def test_sigterm_during_a_stage_stops_after_it_and_a_second_signal_stops_at_once
     base_dir, _ = baseline
     cache = lambda cwd: cwd / ".ablate-cache"  # noqa: E731
     # one SIGTERM while the oracle is computed: the stage completes and is kept, then exit 130
-    cwd = workdir(tmp_path / "once", base_dir, ("corpus", "backbone", "teacher"))
+    cwd = demo_dir(tmp_path / "once", base_dir, ("corpus", "backbone", "teacher"))
     proc = start_ablate(cwd)
     wait_for(proc, lambda: bool(list(cache(cwd).glob(".oracle-*.tmp"))))
     proc.send_signal(signal.SIGTERM)
@@ -220,7 +208,7 @@ def test_sigterm_during_a_stage_stops_after_it_and_a_second_signal_stops_at_once
     assert not (cwd / "runs" / "demo" / "cells").exists()
 
     # two signals: the stage is abandoned at once, leaving no half-written entry
-    cwd = workdir(tmp_path / "twice", base_dir, ("corpus", "backbone", "teacher"))
+    cwd = demo_dir(tmp_path / "twice", base_dir, ("corpus", "backbone", "teacher"))
     proc = start_ablate(cwd)
     wait_for(proc, lambda: bool(list(cache(cwd).glob(".oracle-*.tmp"))))
     proc.send_signal(signal.SIGINT)
@@ -259,7 +247,7 @@ def test_stop_inside_evaluation_resumes_to_equal_results(baseline, tmp_path, mon
     from ablate.pipeline.ui import QuietUI
 
     base_dir, base = baseline
-    cwd = workdir(tmp_path / "run", base_dir, STAGES)
+    cwd = demo_dir(tmp_path / "run", base_dir, STAGES)
     registry = load_registry()
     spec = load_spec(cwd / "demo.toml", ["train.steps=10", "train.checkpoint_every=5"], "tiny", registry)
     threads = torch.get_num_threads()
@@ -404,7 +392,7 @@ def test_stage_costs_count_the_work_done_and_nothing_for_a_cache_hit(baseline, t
     report = (cwd / "reports" / "demo.md").read_text()
     assert f"| oracle | {stages['oracle']['key']} | no |" in report
 
-    again = workdir(tmp_path / "again")
+    again = demo_dir(tmp_path / "again")
     shutil.copytree(cwd / ".ablate-cache", again / ".ablate-cache")
     shutil.copytree(cwd / "runs", again / "runs")
     # a write a kill interrupted inside a finished cell (seen when a SIGKILL landed between cells)
