@@ -9,7 +9,10 @@ Reference: zeb139-experiment.md §2.3–2.6. Per position, with h [B, T, d] and 
 The top-k choice is not differentiable; β·s is the only path by which W_r gets gradient. The
 similarity search runs in float32 even under autocast, so bf16 rounding cannot reorder the
 top-k; the full [B, T, N] similarity lives only inside a no-grad region and the k winning
-similarities are recomputed with gradient. `similarity="autocast"` (numerics = "upstream")
+similarities are recomputed with gradient. `similarity="bf16-rerank"` runs that search in
+bfloat16 and re-ranks its best k + max(k, 8) candidates by their exact float32 cosines: the
+float32 top-k unless a row's exact score lies within ≈2⁻⁶ of the k-th (bound in `retrieve`).
+`similarity="autocast"` (numerics = "upstream")
 computes the cosines in the autocast dtype as the reference does (§11.4: under bf16 another
 top-8 set at ≈14% of positions) and keeps the k winners of that [B, T, N] tensor with gradient.
 
@@ -27,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ablate.errors import InputError
 from ablate.model.backbone import RMSNorm
 
 
@@ -73,7 +77,10 @@ class EngramCrossAttention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, hidden_dim // num_heads
         self.top_k, self.retrieval_bias = top_k, retrieval_bias
-        self.similarity = similarity  # "float32" | "autocast" (the reference's)
+        if similarity not in ("float32", "bf16-rerank", "autocast"):
+            raise InputError(f"Unknown engram similarity {similarity!r}; use 'float32' (exact), "
+                             "'bf16-rerank' or 'autocast' (the reference's).")
+        self.similarity = similarity  # "float32" (exact) | "bf16-rerank" | "autocast"
         self.W_r = nn.Linear(hidden_dim, engram_dim, bias=False)
         self.row_norm = nn.LayerNorm(engram_dim, eps=1e-6)
         self.W_q = nn.Linear(hidden_dim, hidden_dim, bias=False)
@@ -86,7 +93,26 @@ class EngramCrossAttention(nn.Module):
 
     def retrieve(self, h: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [B, T, d], table [N, E] → (indices [B, T, k] int64, sims [B, T, k] float32, or the
-        autocast dtype with similarity="autocast")."""
+        autocast dtype with similarity="autocast").
+
+        "float32" (exact): top-k of the float32 [B, T, N] cosines. "bf16-rerank": unit r and
+        rows rounded to bfloat16, their [B, T, N] scores (float32 output through torch.mm's
+        out_dtype on CUDA, bfloat16 elsewhere), the top-k' candidates, k' = min(N, k + max(k, 8)),
+        then the top-k of those by float32 cosine, sorted descending.
+
+        Bound: rounding to bf16 (8 significant bits) costs each element a relative u = 2⁻⁸, so
+        for unit vectors (Cauchy–Schwarz) |bf16 score − exact| ≤ δ = 2u + u² ≈ 2⁻⁷, plus the
+        float32 accumulation (≲ E·2⁻²⁴) and, for a bfloat16 output, u·|score|. A row outside the
+        candidates has bf16 score ≤ m, the smallest candidate's, so exact score ≤ m + δ: the
+        result is the exact float32 top-k whenever the exact k-th best among the candidates
+        exceeds m + δ. Otherwise a row whose exact score lies within 2δ of the returned k-th may
+        be missed. The margin: a true top-k row is pushed out of the candidates only by rows whose
+        exact score lies within 2δ of its own; max(k, 8) leaves room for that many, at the price
+        of a top-k' for a top-k and a [B, T, k', E] gather.
+
+        The k winners' sims are recomputed with gradient by the float32 expression, so the
+        gradients equal the "float32" mode's wherever the indices do.
+        """
         r = self.W_r(h)
         if self.similarity == "autocast":
             cos = torch.einsum("btd,nd->btn", F.normalize(r, dim=-1, eps=1e-8),
@@ -97,7 +123,19 @@ class EngramCrossAttention(nn.Module):
             r = F.normalize(r.float(), dim=-1, eps=1e-8)
             rows = F.normalize(table.float(), dim=-1, eps=1e-8)
             with torch.no_grad():
-                indices = (r @ rows.T).topk(self.top_k, dim=-1).indices
+                if self.similarity == "bf16-rerank":
+                    N = rows.shape[0]
+                    r16, rows16 = r.bfloat16(), rows.bfloat16()
+                    if r.device.type == "cuda":  # mm's out_dtype: bf16 inputs, float32 output
+                        scores = torch.mm(r16.reshape(-1, r16.shape[-1]), rows16.T,
+                                          out_dtype=torch.float32).reshape(*r.shape[:-1], N)
+                    else:
+                        scores = r16 @ rows16.T
+                    cand = scores.topk(min(N, self.top_k + max(self.top_k, 8)), dim=-1).indices
+                    exact = (r.unsqueeze(-2) * rows[cand]).sum(dim=-1)  # [B, T, k']
+                    indices = cand.gather(-1, exact.topk(self.top_k, dim=-1).indices)
+                else:
+                    indices = (r @ rows.T).topk(self.top_k, dim=-1).indices
             sims = (r.unsqueeze(-2) * rows[indices]).sum(dim=-1)
         return indices, sims
 
