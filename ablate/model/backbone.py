@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -187,6 +187,15 @@ def mix_blocks(summaries: list[torch.Tensor], h: torch.Tensor, query: torch.Tens
 AfterLayer = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+class Prefix(NamedTuple):
+    """The frozen layers 0..layer of one batch (Backbone.prefix): h after layer `layer` (before its
+    after_layer hook) and the block summaries stored before it."""
+
+    layer: int
+    h: torch.Tensor  # [B, T, d]
+    summaries: tuple[torch.Tensor, ...]
+
+
 class Backbone(nn.Module):
     def __init__(self, config: BackboneConfig):
         super().__init__()
@@ -219,27 +228,53 @@ class Backbone(nn.Module):
         """The tied LM head [V, d]: the embedding matrix itself."""
         return self.embed.weight
 
-    def forward(self, tokens: torch.Tensor, after_layer: AfterLayer | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, after_layer: AfterLayer | None = None,
+                start: Prefix | None = None) -> torch.Tensor:
         """tokens [B, T] int64 → final hidden state [B, T, d] before the final norm.
 
         after_layer(i, h) runs after layer i and before that layer's block-summary store; its
         return value becomes the new h (the hook engram injections use).
+        start: `prefix(tokens, start.layer)`, computed before (a fused group's, its rows repeated per
+        cell): layers 0..start.layer are not run again; after_layer runs from start.layer on.
         """
-        T = tokens.shape[1]
+        cos, sin = self._rope(tokens.shape[1])
+        if start is None:
+            return self._run(self.embed(tokens), [], 0, len(self.layers), after_layer, cos, sin)
+        h, summaries = start.h, list(start.summaries)
+        h = after_layer(start.layer, h) if after_layer is not None else h
+        if (start.layer + 1) % self.config.layers_per_block == 0:
+            summaries.append(h)
+        return self._run(h, summaries, start.layer + 1, len(self.layers), after_layer, cos, sin)
+
+    def prefix(self, tokens: torch.Tensor, layer: int) -> Prefix:
+        """Layers 0..layer on tokens [B, T] without any after_layer hook, stopping before layer
+        `layer`'s hook and summary store: what forward(tokens, after_layer, start=…) continues from."""
+        cos, sin = self._rope(tokens.shape[1])
+        summaries: list[torch.Tensor] = []
+        h = self._run(self.embed(tokens), summaries, 0, layer, None, cos, sin)
+        return Prefix(layer, self._layer(layer, h, summaries, cos, sin), tuple(summaries))
+
+    def _rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         if T > self.config.max_seq_len:
             raise InputError(f"Sequence length {T} exceeds the backbone's max_seq_len "
                              f"{self.config.max_seq_len}; use shorter sequences.")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        per_block = self.config.layers_per_block
-        h = self.embed(tokens)
-        summaries: list[torch.Tensor] = []
-        for i, layer in enumerate(self.layers):
-            if i > 0 and i % per_block == 0:
-                h = mix_blocks(summaries, h, self.block_queries[i // per_block - 1])
-            h = layer(h, cos, sin)
+        return self.rope_cos[:T], self.rope_sin[:T]
+
+    def _layer(self, i: int, h: torch.Tensor, summaries: list[torch.Tensor], cos, sin) -> torch.Tensor:
+        """Layer i on h [B, T, d], after mixing the block summaries in where a block starts."""
+        if i > 0 and i % self.config.layers_per_block == 0:
+            h = mix_blocks(summaries, h, self.block_queries[i // self.config.layers_per_block - 1])
+        return self.layers[i](h, cos, sin)
+
+    def _run(self, h: torch.Tensor, summaries: list[torch.Tensor], first: int, stop: int,
+             after_layer: AfterLayer | None, cos, sin) -> torch.Tensor:
+        """Layers first..stop-1 on h, each followed by its hook and, at a block's end, its summary store
+        (appended to `summaries`)."""
+        for i in range(first, stop):
+            h = self._layer(i, h, summaries, cos, sin)
             if after_layer is not None:
                 h = after_layer(i, h)
-            if (i + 1) % per_block == 0:
+            if (i + 1) % self.config.layers_per_block == 0:
                 summaries.append(h)
         return h
 

@@ -159,19 +159,20 @@ class EngramCrossAttention(nn.Module):
         return self.W_o(mixed.reshape(B, T, H * D)), attn
 
     def forward(self, h: torch.Tensor, table: torch.Tensor, *, vcontrast: bool = False,
-                generator: torch.Generator | None = None) -> XAttnOut:
+                generator: torch.Generator | None = None, perm: torch.Tensor | None = None) -> XAttnOut:
         """h [B, T, d], table [N, E] → XAttnOut.
 
-        vcontrast: also run the value-swapped branch (§2.5): a fresh permutation π of the N
-        rows (drawn from `generator` when given, else the global RNG), rows table[π[I]] at the
-        same indices and the same similarity bias; vc = mean cos(out, out')².
+        vcontrast: also run the value-swapped branch (§2.5): a permutation π [N] of the rows
+        (`perm` when given, else drawn from `generator`, else from the global RNG), rows
+        table[π[I]] at the same indices and the same similarity bias; vc = mean cos(out, out')².
         """
         indices, sims = self.retrieve(h, table)
         out, attn = self.attend(h, table[indices], sims)
         vc = None
         if vcontrast:
-            perm_device = generator.device if generator is not None else table.device
-            perm = torch.randperm(table.shape[0], generator=generator, device=perm_device)
+            if perm is None:
+                perm_device = generator.device if generator is not None else table.device
+                perm = torch.randperm(table.shape[0], generator=generator, device=perm_device)
             swapped, _ = self.attend(h, table[perm.to(table.device)[indices]], sims)
             vc = v_contrast(out, swapped)
         return XAttnOut(out=out, indices=indices, sims=sims, attn=attn, vc=vc,
@@ -192,8 +193,9 @@ class GatedEngramInjection(nn.Module):
         nn.init.xavier_uniform_(xattn.W_o.weight)
 
     def forward(self, h: torch.Tensor, table: torch.Tensor, *, vcontrast: bool = False,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, XAttnOut]:
+                generator: torch.Generator | None = None,
+                perm: torch.Tensor | None = None) -> tuple[torch.Tensor, XAttnOut]:
         """h [B, T, d], table [N, E] → (inj [B, T, d], XAttnOut). The gate value is cast to the
         injection's dtype so a bf16 activation stays bf16 under autocast."""
-        x = self.xattn(h, table, vcontrast=vcontrast, generator=generator)
+        x = self.xattn(h, table, vcontrast=vcontrast, generator=generator, perm=perm)
         return torch.tanh(self.gate).to(x.out.dtype) * x.out, x

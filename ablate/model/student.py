@@ -167,7 +167,9 @@ class Student(nn.Module):
             if key not in self.engram_injections:
                 return h
             injection = self.engram_injections[key]
-            inj, x = injection(h, self.table, vcontrast=aux, generator=generator)
+            # through a view of h: its two uses inside the injection sum their gradients first, as
+            # they do for a member of a fused group (ablate.model.fused), so the sums round alike
+            inj, x = injection(h.view(h.shape), self.table, vcontrast=aux, generator=generator)
             gates[i] = torch.tanh(injection.gate)
             if aux:
                 vc[i], qd[i] = x.vc, x.qd
@@ -177,7 +179,15 @@ class Student(nn.Module):
                 e = inj
             return h + inject_mult * inj
 
-        logits = self.backbone.logits(self.backbone(tokens, after_layer))
+        logits, router_logits, aligned = self.head(self.backbone(tokens, after_layer), e, inject_mult)
+        return StudentOutput(logits=logits, router_logits=router_logits, vc=vc, qd=qd,
+                             gates=gates, traces=traces, e=e, aligned=aligned)
+
+    def head(self, h: torch.Tensor, e: torch.Tensor | None, inject_mult: float = 1.0
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Final hidden state h [B, T, d] and router input e [B, T, d] (None with the router off)
+        → (logits [B, T, V] = z_LM + z_r, z_r [B, T, V] or None, W_align(e) [B, T, d] or None)."""
+        logits = self.backbone.logits(h)
         router_logits = aligned = None
         skip_router = inject_mult == 0 and self.cfg.numerics == "upstream"  # the reference skips it there
         if self.engram_skip_router is not None and not skip_router:
@@ -187,8 +197,7 @@ class Student(nn.Module):
             router_logits = F.linear(self.engram_skip_router.alpha * aligned,
                                      self.backbone.lm_head_weight)
             logits = logits.add_(router_logits)  # in place: no second [B, T, V] buffer
-        return StudentOutput(logits=logits, router_logits=router_logits, vc=vc, qd=qd,
-                             gates=gates, traces=traces, e=e, aligned=aligned)
+        return logits, router_logits, aligned
 
     # ------------------------------------------------- the StudentView protocol (ablate.api.components)
 

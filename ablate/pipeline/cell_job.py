@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -180,10 +181,23 @@ def _run_cell(job: CellJob, device: torch.device, stop, registry, ui, events) ->
     return _train(job, device, stop, registry, ui, events)
 
 
-def _train(job: CellJob, device: torch.device, stop, registry, ui, events) -> dict:
-    from ablate.training.train import train_cell
+@dataclass
+class CellSetup:
+    """What training one cell needs, built from its job (`prepare_cell`)."""
 
-    spec, cell, cell_dir, name = job.spec, job.config, job.cell_dir, job.cell
+    corpus: Any
+    student: Any
+    resume: dict | None  # the resume state, when one fits the student
+    cfg: Any  # TrainConfig
+    objective: Any
+    sidecar: torch.Tensor | None
+
+
+def prepare_cell(job: CellJob, device: torch.device, registry, ui, events) -> CellSetup | dict:
+    """The cell's inputs, student, resume state, config and objective, and its CellStarted event;
+    or, when the objective's constructor raises, the cell's failure record (written to its status;
+    the cell fails, the run goes on)."""
+    spec, cell, cell_dir = job.spec, job.config, job.cell_dir
     corpus, variants = inputs(job)
     resume = cellmod.prepare_dir(cell_dir, job.identity(), ui.warn)
     variant = variants[cell.oracle]
@@ -202,15 +216,27 @@ def _train(job: CellJob, device: torch.device, stop, registry, ui, events) -> di
         record = _failure(cell.name, PluginFault("objective", cell.objective.name, "in its constructor", exc), None, ui)
         write_status(cell_dir, "failed", error=record["error"], failed_at_step=None, checkpoint_step=None)
         return record
+    if resume is not None:
+        ui.info(f"↻ cell {cell.name}: resuming from step {resume['step']}")
     sidecar = variant.sidecar_on(device) if obj_cls.needs_sidecar else None
+    return CellSetup(corpus, student, resume, cfg, objective, sidecar)
+
+
+def _train(job: CellJob, device: torch.device, stop, registry, ui, events) -> dict:
+    from ablate.training.train import train_cell
+
+    cell, cell_dir, name = job.config, job.cell_dir, job.cell
+    setup = prepare_cell(job, device, registry, ui, events)
+    if not isinstance(setup, CellSetup):
+        return setup
+    corpus, student, resume, cfg, objective, sidecar = (setup.corpus, setup.student, setup.resume, setup.cfg,
+                                                        setup.objective, setup.sidecar)
     saved_step = [None if resume is None else int(resume["step"])]
 
     def save(state: dict) -> None:
         cellmod.save_state(cell_dir, state)
         saved_step[0] = int(state["step"])
 
-    if resume is not None:
-        ui.info(f"↻ cell {cell.name}: resuming from step {resume['step']}")
     beat = Heartbeat(cell_dir, cfg.steps, cfg.batch * cfg.seq_len)
     beat.write("running")
     try:

@@ -36,9 +36,14 @@ class LocalExecutor(Executor):
     """One job after another in this process, on `device`; stops at the first interrupt."""
 
     name = "local"
-    description = "cells one after another in this process (the default)"
+    description = ("cells one after another in this process (the default); with train.fuse = \"auto\" cells "
+                   "that share backbone, oracle and data train as fused groups")
 
     def run(self, jobs: list[CellJob], device: torch.device, stop, registry, ui) -> dict[str, dict]:
+        if any(job.spec.train.fuse == "auto" for job in jobs):  # fusable cells as groups (pipeline/fused_job.py)
+            from ablate.pipeline.fused_job import run_jobs_fused
+
+            return run_jobs_fused(jobs, device, stop, registry, ui, self.events)
         records = {}
         for job in jobs:
             if stop.set:  # a signal during the last cell's final save: start no other cell

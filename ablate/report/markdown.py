@@ -737,13 +737,18 @@ def _costs(r: dict, t: Text) -> list[str]:
     if cells:
         cell_header = ["cell", "cached", "seconds", "training tokens/s", "first step (ms)", "median step (ms)"]
         cell_header += ["compiled", "peak GPU allocated (GiB)"] if gpu else []
+        fused = any(c.get("fused") for c in cells.values())
+        cell_header += ["fused group"] if fused else []
         rows = [[n, t.cell(c.get("cached")), t.cell(c.get("seconds")), fmt_rate(c.get("tokens_per_s")),
                  t.cell(c.get("first_step_ms")), t.cell(c.get("median_step_ms"))]
                 + ([t.cell(c.get("compiled")), t.cell(c.get("peak_gpu_allocated_gib"))] if gpu else [])
+                + ([", ".join(c.get("fused") or []) or "—"] if fused else [])
                 for n, c in cells.items()]
+        group_note = ("; the cells of a fused group trained together, one forward and one backward per step, so "
+                      "their seconds and tokens/s are the group's wall time" if fused else "")
         lines += ["", "Cells (seconds include evaluation and checkpoints; tokens/s excludes them; the first "
                   "training step is timed alone, so what only it pays, compilation on CUDA included, shows as "
-                  "its excess over the median step):", "", table(cell_header, rows)]
+                  f"its excess over the median step{group_note}):", "", table(cell_header, rows)]
     return lines
 
 

@@ -37,6 +37,8 @@ from ablate.errors import InputError
 from ablate.oracle.hashing import RowContract
 from ablate.model.backbone import Backbone, BackboneConfig
 from ablate.model.student import EngramConfig, Student
+from ablate.training.bench_fused import bench_fused
+from ablate.training.bench_fused import table_row as fused_row
 from ablate.training.optim import CellOptimizer, wsd_multiplier
 from ablate.training.train import (CellRun, TrainConfig, WindowSampler, aux_lambda, autocast_for,
                           compiled_canonical_rows, evaluate)
@@ -514,6 +516,8 @@ def render_table(result: dict) -> Table:
                       _fmt(m["batched_ms_per_step"], ".3f"), "", "", "",
                       f"{m['speedup']:.2f}× vs per-matrix ({m['per_matrix_ms_per_step']:.3f} ms, "
                       f"{mu['matrices']} matrices){'' if m['ok'] else ', MISMATCH'}")
+    if result.get("fused"):
+        table.add_row(*fused_row(result["fused"]))
     if result.get("oracle"):
         q = result["oracle"]
         table.add_row("oracle pass (incl. hashing + accumulation)", "", _fmt(q["tokens_per_s"], ",.0f"),
@@ -554,6 +558,7 @@ def run_bench(size_name: str, device: torch.device, steps: int | None = None,
                              "warmup_steps": size.warmup, "teacher": size.teacher}}
     result["cells"] = bench_cells(size, device, peak)
     result["muon"] = bench_muon(size, device)
+    result["fused"] = bench_fused(size, device, result["cells"])
     result["oracle"] = bench_oracle(size, device, peak) if oracle else None
     result["full_matrix_estimate"] = full_matrix_estimate(result["cells"])
     result["reference_cell_step_ms"] = REFERENCE_CELL_STEP_MS
@@ -571,5 +576,5 @@ def bench_command(args, console) -> int:
     console.print(render_table(result))
     console.print(f"results: {args.out}")
     muon_ok = all(result["muon"][n]["ok"] for n in ("ablate", "upstream"))
-    return 0 if result["cells"]["loss_check"]["ok"] and muon_ok else 1
+    return 0 if result["cells"]["loss_check"]["ok"] and muon_ok and result["fused"]["loss_check"]["ok"] else 1
 

@@ -79,7 +79,7 @@ def train_config(spec, cell, contract):
     """[train] resolved for one cell; contract: the oracle's row contract (OracleVariant.contract)."""
     from ablate.training.train import TrainConfig
 
-    return TrainConfig(**spec.train.model_dump(exclude={"compile", "data_seed"}), name=cell.name,
+    return TrainConfig(**spec.train.model_dump(exclude={"compile", "data_seed", "fuse"}), name=cell.name,
                        data_seed=training_seeds(spec, cell)[1], row_contract=contract, compile=compile_cells(spec),
                        numerics=spec.numerics)
 
@@ -147,7 +147,7 @@ def load_adapters(student, path: Path, source: str) -> None:
 
 
 # Train settings that change when state is saved, never what is computed: left out of the key.
-_KEY_EXEMPT_TRAIN = {"checkpoint_every", "compile"}  # compile: same math, bf16-rounding-level differences
+_KEY_EXEMPT_TRAIN = {"checkpoint_every", "compile", "fuse"}  # compile, fuse: same math, bf16-rounding-level differences
 STATE_FILE = "state.safetensors"
 
 

@@ -361,9 +361,10 @@ class CellRun:
         return seconds
 
     def losses(self, s: int, inputs: torch.Tensor, targets: torch.Tensor,
-               log_step: bool) -> StepLosses:
+               log_step: bool, out=None) -> StepLosses:
         """The objective plus the aux terms of step s on one batch (inputs, targets [B, T]).
-        With log_step (and the router on) the router diagnostics are computed too."""
+        With log_step (and the router on) the router diagnostics are computed too. out: the
+        student's output on these inputs, when computed already (a fused group's forward)."""
         cfg = self.cfg
         want_rows = self.objective.needs_sidecar or (
             log_step and self.sidecar is not None and self.router is not None)
@@ -371,7 +372,7 @@ class CellRun:
         contract = cfg.row_contract
         rows = hash_rows(inputs, contract.rows, contract.seed) if want_rows else None
         with self.autocast():
-            out = self.student(inputs, aux=True)
+            out = self.student(inputs, aux=True) if out is None else out
             batch = ObjectiveBatch(logits=out.logits, targets=targets, tokens=inputs,
                                    router_logits=out.router_logits, teacher_rows=rows, sidecar=self.sidecar)
             try:
@@ -387,17 +388,18 @@ class CellRun:
         loss = result.loss + lam_vc * sum(vc.values()) + lam_qd * sum(qd.values())
         return StepLosses(loss, result.terms, vc, qd, gates, stats)
 
-    def train_step(self, s: int) -> dict[str, torch.Tensor]:
-        """One optimiser update. Returns the log tensors (0-d, on the device; in column
-        order) on log steps, {} otherwise. Never waits for the device."""
-        cfg, log_step = self.cfg, self.is_log_step(s)
-        if self.compiled:
+    def begin_step(self, s: int, draw: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Step s's learning rate and, with draw, its windows (inputs, targets [B, T])."""
+        if self.compiled and draw:
             fastpath.step_begin()
+        cfg = self.cfg
         self.optimizer.set_lr(cfg.lr * wsd_multiplier(s, cfg.steps, cfg.warmup, cfg.decay_frac))
-        inputs, targets = self.train_sampler()
-        step = self.losses(s, inputs, targets, log_step)
-        step.loss.backward()
+        return self.train_sampler() if draw else None
 
+    def finish_step(self, s: int, step: StepLosses) -> dict[str, torch.Tensor]:
+        """After the backward pass of step s: the log tensors (0-d, on the device; in column
+        order) on log steps, {} otherwise; then clipping and the optimiser update."""
+        cfg, log_step = self.cfg, self.is_log_step(s)
         with_grad = [p for p in self.params.values() if p.grad is not None]
         log: dict[str, torch.Tensor] = {}
         if log_step:  # before clipping (raw gradient) and before the update (values used)
@@ -414,10 +416,20 @@ class CellRun:
             log["grad_norm"] = grad_norm
         return log
 
+    def train_step(self, s: int) -> dict[str, torch.Tensor]:
+        """One optimiser update; returns finish_step's log tensors. Never waits for the device."""
+        inputs, targets = self.begin_step(s)
+        step = self.losses(s, inputs, targets, self.is_log_step(s))
+        step.loss.backward()
+        return self.finish_step(s, step)
+
     def advance(self, s: int) -> dict[str, float] | None:
         """Step s as the loop runs it: the update, then on log steps the fault check and the
         logged row (the only host syncs). Returns the row, or None on other steps."""
-        log_tensors = self.train_step(s)
+        return self.record_step(s, self.train_step(s))
+
+    def record_step(self, s: int, log_tensors: dict[str, torch.Tensor]) -> dict[str, float] | None:
+        """Step s done: the step count, and on log steps the fault check and the logged row."""
         self.step, self.steps_run = s + 1, self.steps_run + 1
         if not log_tensors:
             return None

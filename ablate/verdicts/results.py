@@ -80,7 +80,7 @@ def build_results(ctx, corpus, r_teacher, oracle, records, cell_metrics, pairs, 
             "history": _thin(rec.get("history", []), 200),
             "seconds": outcome.get("seconds"), "tokens_per_s": outcome.get("tokens_per_s"),
             "peak_gpu_allocated_gib": outcome.get("peak_gpu_allocated_gib"), "compiled": outcome.get("compiled"),
-            **step_times(rec.get("history", [])),
+            "fused": outcome.get("fused"), **step_times(rec.get("history", [])),
         }
     results = {
         "schema_version": RESULTS_SCHEMA_VERSION,

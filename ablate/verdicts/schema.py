@@ -51,6 +51,7 @@ class CellResult(Open):
     compiled: bool | None = None
     first_step_ms: float | None = None  # the first training step alone: what only it pays shows here
     median_step_ms: float | None = None  # the median per-step time of the later logged intervals
+    fused: list[str] | None = None  # the cells of its fused group (train.fuse), itself included; None: alone
 
 
 class Results(Open):

@@ -5,7 +5,8 @@ scripts/gpu-check.sh runs them on a GPU machine before a change to code the GPU 
 - one full-dimension cell (ZEB-139 shapes: `tiny` backbone, vocab 32,000, 10,000 rows, batch
   4 × 2048, bf16) for 30 steps compiled and eager: losses equal within bf16 tolerance;
 - resume after SIGKILL mid-cell on CUDA, to the results of an uninterrupted run;
-- `ablate bench --size small --device cuda`;
+- the smoke profile's cells as one fused group (train.fuse = "auto") against one by one;
+- `ablate bench --size small --device cuda` (its fused group's loss check included);
 - (tests/pipeline/test_meter.py) the meter on real, nested CUDA blocks.
 """
 
@@ -111,6 +112,27 @@ def test_resume_after_sigkill_mid_cell_on_cuda(tmp_path):
     b = json.loads((cwd / "runs" / "demo" / "results.json").read_text())["cells"]
     for name in a:  # cuDNN/cuBLAS may reorder reductions: equal to fp32 rounding, not bit for bit
         assert b[name]["metrics"]["val_loss"] == pytest.approx(a[name]["metrics"]["val_loss"], rel=1e-4), name
+
+
+def test_fused_cells_on_cuda_give_the_numbers_of_cells_run_one_by_one(tmp_path):
+    """The zeb139 smoke profile's 6 cells with train.fuse = "auto" (one fused group, compiled) and
+    "off": every cell trains, records its group, and ends at the same validation loss within bf16
+    tolerance (the V-contrast permutations come from another RNG inside a compiled graph)."""
+    results = {}
+    for fuse in ("auto", "off"):
+        (tmp_path / fuse).mkdir()
+        shutil.copy(ROOT / "specs" / "zeb139.toml", tmp_path / fuse / "zeb139.toml")
+        done = ablate(tmp_path / fuse, "run", "zeb139.toml", "--profile", "smoke", "--set", f"train.fuse={fuse}",
+                      "--device", "cuda", "--quiet")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        results[fuse] = json.loads((tmp_path / fuse / "runs" / "zeb139" / "results.json").read_text())["cells"]
+    names = list(results["off"])
+    assert len(names) == 6
+    for name in names:
+        fused, alone = results["auto"][name], results["off"][name]
+        assert fused["status"] == alone["status"] == "done"
+        assert sorted(fused["fused"]) == sorted(names) and alone["fused"] is None
+        assert fused["metrics"]["val_loss"] == pytest.approx(alone["metrics"]["val_loss"], rel=2e-2), name
 
 
 def test_bench_small_on_cuda(tmp_path):

@@ -29,7 +29,10 @@ from cli_run import STAGES, ablate_in, demo_dir
 ROOT = Path(__file__).resolve().parents[2]
 ABLATE = shutil.which("ablate") or str(Path(sys.executable).with_name("ablate"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-SPEC_ARGS = ["demo.toml", "--profile", "tiny", "--set", "train.steps=10", "--set", "train.checkpoint_every=5"]
+# train.fuse=off: these kill points are between and inside cells trained one after the other
+# (tests/training/test_fused.py kills and resumes a fused group)
+SPEC_ARGS = ["demo.toml", "--profile", "tiny", "--set", "train.steps=10", "--set", "train.checkpoint_every=5",
+             "--set", "train.fuse=off"]
 ARGS = [*SPEC_ARGS, "--device", "cpu"]
 CELLS = ("router_off_real", "router_off_shuf", "router_on_real", "router_on_shuf")
 TIMING = {"dt_ms", "tokens_per_s", "seconds"}

@@ -101,3 +101,15 @@ def test_skip_oracle_and_bad_arguments(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA"):
             bench._resolve_device("cuda")
+
+
+def test_the_fused_group_gives_each_cell_its_separate_loss(result):
+    """Six cells (two router-off CE, four router-on KL+CE) through one fused forward: every cell's
+    loss on the fixed batch equals its own CellRun's (CPU fp32, the same permutations)."""
+    fused = result["fused"]
+    check = fused["loss_check"]
+    assert fused["cells"] == 6 and fused["routers"].count(True) == 4 and check["ok"] is True
+    assert len(check["fused_losses"]) == len(check["separate_losses"]) == 6
+    for f, s in zip(check["fused_losses"], check["separate_losses"]):
+        assert s > 0 and abs(f - s) <= 1e-6 * s
+    assert fused["aggregate_tokens_per_s"] == pytest.approx(6 * fused["per_cell_tokens_per_s"])
