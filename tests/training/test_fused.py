@@ -305,3 +305,15 @@ def test_a_fused_group_killed_mid_training_resumes_to_the_uninterrupted_results(
         assert untimed(other["history"]) == untimed(cell["history"]) and other["evals"] == cell["evals"]
         assert other["metrics"] == cell["metrics"]
     assert not list(cells.glob("*/state.safetensors"))
+
+
+def test_members_whose_backbones_differ_are_refused_with_the_fix():
+    """A group shares one backbone module: members built on other weights are refused before any
+    step, naming the cells and train.fuse = "off"."""
+    from ablate.errors import InputError
+
+    group = members()
+    with torch.no_grad():
+        group[2].student.backbone.final_norm.weight.add_(1e-3)
+    with pytest.raises(InputError, match="'off_real' and 'on_real'.*backbones.*train.fuse = \"off\""):
+        train_fused(group, "cpu")
