@@ -16,6 +16,8 @@ from ablate.training.fused import Member, rng_state, train_fused
 from ablate.training.train import TrainConfig, train_cell
 from ablate_builtins.objectives import CE, KLCE
 
+pytestmark = pytest.mark.seconds(35)  # on one core, the demo pipelines from micro_stages (tests/conftest.py: longest files first)
+
 V, N_ROWS = 48, 12
 
 
@@ -215,17 +217,14 @@ def test_a_nan_in_one_cell_fails_only_that_cell():
 # ------------------------------------------------------------------------ the whole pipeline
 
 
-def _demo_run(tmp_path, monkeypatch, name: str, *sets: str) -> dict:
+def _demo_run(stages, tmp_path, monkeypatch, name: str, *sets: str) -> dict:
+    """The micro demo (4 cells, 20 steps) from the session's cached stages (conftest.micro_stages)."""
     import json
-    import shutil
-    from pathlib import Path
 
-    from cli_run import ablate_in
+    from cli_run import MICRO_DEMO, ablate_in, demo_dir
 
-    cwd = tmp_path / name
-    cwd.mkdir()
-    shutil.copy(Path(__file__).resolve().parents[2] / "specs" / "demo.toml", cwd / "demo.toml")
-    args = ["run", "demo.toml", "--profile", "tiny", "--device", "cpu", "--quiet"]
+    cwd = demo_dir(tmp_path / name, stages)
+    args = ["run", *MICRO_DEMO, "--device", "cpu", "--quiet"]
     for s in sets:
         args += ["--set", s]
     assert ablate_in(cwd, monkeypatch, *args) == 0
@@ -233,15 +232,15 @@ def _demo_run(tmp_path, monkeypatch, name: str, *sets: str) -> dict:
 
 
 @pytest.mark.slow
-def test_demo_fused_equals_demo_unfused(tmp_path, monkeypatch):
+def test_demo_fused_equals_demo_unfused(micro_stages, tmp_path, monkeypatch):
     """The demo's tiny profile (4 cells on one backbone, oracle and data seed) with train.fuse =
     "auto" and "off": every logged number, evaluation and metric equal (≤ 1e-6 relative); the
     fused run records its group per cell."""
     import csv
     import json
 
-    fused, fused_dir = _demo_run(tmp_path, monkeypatch, "fused", "train.fuse=auto")
-    plain, plain_dir = _demo_run(tmp_path, monkeypatch, "plain", "train.fuse=off")
+    fused, fused_dir = _demo_run(micro_stages, tmp_path, monkeypatch, "fused", "train.fuse=auto")
+    plain, plain_dir = _demo_run(micro_stages, tmp_path, monkeypatch, "plain", "train.fuse=off")
     names = list(plain["cells"])
     assert len(names) == 4
     for name in names:
@@ -260,7 +259,7 @@ def test_demo_fused_equals_demo_unfused(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_fused_group_killed_mid_training_resumes_to_the_uninterrupted_results(tmp_path):
+def test_a_fused_group_killed_mid_training_resumes_to_the_uninterrupted_results(micro_stages, tmp_path):
     """SIGKILL while the demo's fused group trains (every cell has a checkpoint), then `ablate run`
     again: every cell resumes from its checkpoint and the results equal an uninterrupted run's."""
     import json
@@ -272,15 +271,13 @@ def test_a_fused_group_killed_mid_training_resumes_to_the_uninterrupted_results(
     import time
     from pathlib import Path
 
+    from cli_run import MICRO_DEMO, demo_dir
+
     exe = shutil.which("ablate") or str(Path(sys.executable).with_name("ablate"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    args = [exe, "run", "demo.toml", "--profile", "tiny", "--set", "train.steps=10", "--set", "train.checkpoint_every=5",
+    args = [exe, "run", *MICRO_DEMO, "--set", "train.steps=10", "--set", "train.checkpoint_every=5",
             "--set", "train.fuse=auto", "--device", "cpu"]
-    dirs = {}
-    for d in ("straight", "killed"):
-        dirs[d] = tmp_path / d
-        dirs[d].mkdir()
-        shutil.copy(Path(__file__).resolve().parents[2] / "specs" / "demo.toml", dirs[d] / "demo.toml")
+    dirs = {d: demo_dir(tmp_path / d, micro_stages) for d in ("straight", "killed")}
     done = subprocess.run([*args, "--quiet"], cwd=dirs["straight"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     cwd = dirs["killed"]
