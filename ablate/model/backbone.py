@@ -71,6 +71,18 @@ class BackboneConfig:
     def num_blocks(self) -> int:
         return self.num_layers // self.layers_per_block
 
+    def num_parameters(self) -> int:
+        """The Backbone's parameter count from the shapes alone (no tensors are built: `ablate plan`
+        runs before any model exists); tests pin it to a built Backbone's."""
+        d, hd = self.hidden_dim, self.head_dim
+        attention = d * hd * 2 * (self.num_query_heads + self.num_kv_heads) + 2 * hd  # q, k, v, o; QK-norms
+        layer = 2 * d + attention + 3 * d * self.ffn_dim  # two RMSNorms, attention, SwiGLU
+        return self.vocab_size * d + self.num_layers * layer + (self.num_blocks - 1) * d + d
+
+    def rope_elements(self) -> int:
+        """Elements of the RoPE cos and sin buffers together, [max_seq_len, head_dim/2] each."""
+        return 2 * self.max_seq_len * (self.head_dim // 2)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -47,6 +47,15 @@ class EngramConfig:
     alpha_init: float = 0.1
     numerics: str = "ablate"  # "upstream": similarities in the autocast dtype, no router at inject_mult 0
 
+    def trainable_parameters(self, hidden_dim: int) -> int:
+        """The adapters' parameter count on a backbone of width d = hidden_dim, from the shapes alone;
+        tests pin it to a built Student's. Per injection: W_r, W_k, W_v (E·d each), W_q, W_o (d²),
+        the rows' LayerNorm (2E), the Q and K RMSNorms (d/heads each) and the gate; the router adds
+        W_align (d²) and log_alpha."""
+        d, E = hidden_dim, self.engram_dim
+        injection = 3 * E * d + 2 * d * d + 2 * E + 2 * (d // self.num_heads) + 1
+        return len(self.inject_layers) * injection + (d * d + 1 if self.router else 0)
+
     def check(self, num_layers: int, hidden_dim: int) -> None:
         """Raise InputError when this config cannot sit on a backbone of that shape."""
         layers = list(self.inject_layers)

@@ -174,7 +174,7 @@ def teacher_shape(spec, device_type: str, vocab: int | None) -> TeacherShape | N
         names = ("hidden_dim", "num_layers", "num_query_heads", "num_kv_heads", "head_dim", "ffn_dim",
                  "layers_per_block", "max_seq_len", "rope_theta")
         config = BackboneConfig(vocab_size=vocab or DEFAULT_VOCAB, **{n: p[n] for n in names if p.get(n) is not None})
-        return TeacherShape(_backbone_params(config), config.hidden_dim, config.num_layers, config.vocab_size, 2,
+        return TeacherShape(config.num_parameters(), config.hidden_dim, config.num_layers, config.vocab_size, 2,
                             _dtype_bytes(p.get("dtype", "auto"), device_type), p.get("checkpoint") is None,
                             p.get("batch", 16), p.get("seq_len", 128), config.ffn_dim, "its parameters")
     if p.get("gguf_file"):
@@ -205,15 +205,6 @@ def _gguf_config(value: str) -> dict | None:
         return None
 
 
-def _backbone_params(config) -> int:
-    import torch
-
-    from ablate.model.backbone import Backbone
-
-    with torch.device("meta"):
-        return sum(t.numel() for t in Backbone(config).parameters())
-
-
 @dataclass
 class StudentShape:
     backbone_params: int
@@ -222,26 +213,19 @@ class StudentShape:
 
 
 def student_shape(spec, vocab: int) -> StudentShape:
-    """Exact parameter counts of the student, built on the meta device (no memory)."""
-    import torch
+    """Exact parameter counts of the student, from the shapes (BackboneConfig.num_parameters,
+    EngramConfig.trainable_parameters): nothing is built."""
+    from dataclasses import replace
 
-    from ablate.model.backbone import Backbone
-    from ablate.model.student import Student
     from ablate.pipeline.stages import backbone_config
     from ablate.training.cells import engram_config
 
     config = backbone_config(spec, vocab)
-    adapters, buffers = {}, 0
-    with torch.device("meta"):
-        for router in (False, True):
-            cell = spec.cells[0].model_copy(update={"router": router})
-            student = Student(Backbone(config), engram_config(spec, cell), torch.empty(spec.oracle.rows,
-                                                                                        spec.oracle.engram_dim))
-            student.freeze_backbone()
-            adapters[router] = sum(t.numel() for _, t in student.trainable_named_parameters())
-            buffers = sum(t.numel() for t in student.buffers())
-            backbone = sum(t.numel() for t in student.backbone.parameters())
-    return StudentShape(backbone, buffers, adapters)
+    engram = engram_config(spec, spec.cells[0])
+    adapters = {router: replace(engram, router=router).trainable_parameters(config.hidden_dim)
+                for router in (False, True)}
+    buffers = config.rope_elements() + spec.oracle.rows * spec.oracle.engram_dim
+    return StudentShape(config.num_parameters(), buffers, adapters)
 
 
 def corpus_tokens(spec) -> int | None:

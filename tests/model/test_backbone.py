@@ -195,3 +195,19 @@ def test_logits_use_final_norm_and_tied_embedding():
 def test_sequence_longer_than_max_is_an_input_error():
     with pytest.raises(InputError, match="max_seq_len"):
         small()(torch.zeros(1, 33, dtype=torch.long))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 64), st.integers(1, 3), st.integers(1, 3), st.sampled_from([2, 4, 6]), st.integers(1, 4),
+       st.integers(1, 3), st.integers(1, 40), st.integers(1, 24))
+def test_num_parameters_and_rope_elements_count_a_built_backbone(vocab, blocks, per_block, head_dim, kv_heads,
+                                                                 groups, ffn, max_seq_len):
+    """BackboneConfig's counts from the shapes (what `ablate plan` uses) equal a built Backbone's
+    parameters and RoPE buffers, over random shapes."""
+    config = BackboneConfig(vocab_size=vocab, hidden_dim=8 * groups, num_layers=blocks * per_block,
+                            num_query_heads=kv_heads * groups, num_kv_heads=kv_heads, head_dim=head_dim,
+                            ffn_dim=ffn, max_seq_len=max_seq_len, layers_per_block=per_block)
+    with torch.device("meta"):
+        backbone = Backbone(config)
+    assert config.num_parameters() == sum(p.numel() for p in backbone.parameters())
+    assert config.rope_elements() == sum(b.numel() for b in backbone.buffers())

@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 
@@ -137,3 +139,19 @@ def test_set_table_validates_and_swaps():
     student.set_table(new)
     assert student.table.dtype == torch.float32 and torch.equal(student.table, new.float())
     assert student(tokens()).traces == {}
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 4), st.integers(1, 12), st.booleans(), st.data())
+def test_trainable_parameters_count_a_built_students_adapters(heads, head_dim, engram_dim, router, data):
+    """EngramConfig.trainable_parameters (what `ablate plan` uses) equals a built Student's trainable
+    parameter count, over random widths, injection layers and router on/off."""
+    hidden = heads * head_dim
+    layers = data.draw(st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True))
+    config = BackboneConfig(vocab_size=16, hidden_dim=hidden, num_layers=4, num_query_heads=1, num_kv_heads=1,
+                            head_dim=2, ffn_dim=4, max_seq_len=4, layers_per_block=2)
+    cfg = EngramConfig(inject_layers=tuple(layers), engram_dim=engram_dim, num_heads=heads, top_k=1, router=router)
+    with torch.device("meta"):
+        student = Student(Backbone(config), cfg, torch.empty(3, engram_dim))
+    student.freeze_backbone()
+    assert cfg.trainable_parameters(hidden) == trainable(student)
