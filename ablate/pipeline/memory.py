@@ -438,10 +438,49 @@ def _cells(spec, device_type, student: StudentShape, V: int, registry, bf16: boo
     return out
 
 
-def _cells_stage(spec, device_type, corpus, student: StudentShape, V: int, registry, bf16: bool) -> StageMemory:
-    """The largest cell (cells run one after another), with the stage's host copies."""
+def fused_groups(spec) -> list[list]:
+    """The cells `train.fuse = "auto"` trains as groups (two or more cells with the same data seed;
+    ablate.pipeline.fused_job.fuse_key within one spec)."""
+    from ablate.training.cells import training_seeds
+
+    if spec.train.fuse != "auto" or not spec.model.inject_layers:
+        return []
+    groups: dict[int, list] = {}
+    for cell in spec.cells:
+        groups.setdefault(training_seeds(spec, cell)[1], []).append(cell)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _group(spec, cells: list, per_cell: dict[str, StageMemory], V: int, registry, device_type: str) -> StageMemory:
+    """A fused group's peak, counted as its members' own peaks at once (every member's logits,
+    activations, adapters and optimiser state live through the group's step), with the frozen
+    backbone once and each distinct sidecar once (shuffled and gaussian share one)."""
     o = spec.oracle
-    best = max(_cells(spec, device_type, student, V, registry, bf16).values(), key=lambda s: s.allocated_bytes)
+    s = StageMemory(f"cells (fused group: {', '.join(c.name for c in cells)})", device_type)
+    frozen, *_ = per_cell[cells[0].name].device
+    s.device.append(Term(frozen.what + f", {len(cells)} tables", frozen.bytes + (len(cells) - 1) * 4 * o.rows
+                         * o.engram_dim, frozen.knob, frozen.short))
+    for short, knob in (("adapters + optimiser", ""), ("activations", "train.seq_len")):
+        s.device.append(Term(f"{short}, {len(cells)} cells", sum(t.bytes for c in cells for t in per_cell[c.name].device
+                                                                    if t.short == short), knob, short))
+    s.device.append(Term(f"logits, {len(cells)} cells", sum(t.bytes for c in cells for t in per_cell[c.name].device
+                                                           if t.short.startswith("logits")), "train.batch", "logits"))
+    sidecars = {c.oracle == "real" for c in cells if _needs_sidecar(c, registry)}
+    if sidecars:
+        s.device.append(Term(f"{len(sidecars)} sidecar(s) on the device [{o.rows:,} × {V:,}]",
+                             len(sidecars) * o.rows * V * _sidecar_bytes(spec), "oracle.rows", "sidecars"))
+    s.notes.append('a fused group (train.fuse = "auto"); "off" trains its cells one after another')
+    return s
+
+
+def _cells_stage(spec, device_type, corpus, student: StudentShape, V: int, registry, bf16: bool) -> StageMemory:
+    """The largest cell or fused group (they run one after another), with the stage's host copies."""
+    o = spec.oracle
+    per_cell = _cells(spec, device_type, student, V, registry, bf16)
+    fused = [_group(spec, g, per_cell, V, registry, device_type) for g in fused_groups(spec)]
+    grouped = {c.name for g in fused_groups(spec) for c in g}
+    candidates = fused + [m for name, m in per_cell.items() if name not in grouped]
+    best = max(candidates, key=lambda s: s.allocated_bytes)
     # host: the engine's oracle variants and the cell job's own (real and shuffled sidecars, 3 tables),
     # plus bf16 copies under upstream numerics; the corpus twice (engine and job)
     copies = 2 * (2 * o.rows * V * (4 + (2 if spec.numerics == "upstream" else 0)) + 3 * o.rows * o.engram_dim * 4)
@@ -601,8 +640,13 @@ def problems(stages: list[StageMemory], limit: Limit) -> list[tuple[str, str]]:
             + f", more than the {label}" for kind, need, have, label, _ in over)
         terms = "; ".join(f"{t.what}: {fmt_gib(t.bytes)} GiB" for t in big)
         turn = ", or ".join(_KNOB_HINTS.get(k, k) for k in knobs) or "the sizes in the spec"
+        if s.stage.startswith("cells (fused group"):
+            knobs.insert(0, "train.fuse")
+            turn = 'set train.fuse = "off" (its cells then train one after another), or lower ' + turn
+        else:
+            turn = "lower " + turn
         out.append((knobs[0] if knobs else s.stage.split(" ")[0],
-                    f"the {s.stage} stage would need {needs}. Mostly: {terms}. To fit, lower {turn}, or use a device "
+                    f"the {s.stage} stage would need {needs}. Mostly: {terms}. To fit, {turn}, or use a device "
                     f"with more memory; `ablate plan` prints every stage's estimate (docs/performance.md)."
                     + (" To check the spec for the GPU you will run it on instead, pass --memory-budget with that "
                        "card's memory (e.g. --memory-budget 16GiB)." if limit.device_type == "cpu" and not limit.budget

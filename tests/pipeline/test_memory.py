@@ -169,3 +169,47 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError):
         memory.parse_size(text)
+
+
+# One H200, `ablate bench --size full` (2026-11-29, commit dc5fd41): the six ZEB-139 cells (two router-off
+# CE, four router-on KL+CE, one sidecar) as one fused group, compiled, batch 4 × 2048: peak 7.27 GiB
+# allocated, 21.46 GiB reserved (docs/performance.md, "Fused cells").
+MEASURED_FUSED_GROUP_RESERVED = 21.46
+
+
+def test_a_fused_group_is_planned_as_one_stage_that_bounds_the_measured_group(tmp_path):
+    """train.fuse = "auto": the cells stage is the group of all six cells (one data seed); it needs
+    more than the largest cell alone and less than the six cells' peaks added (the frozen backbone
+    and the shared sidecars count once), and its reserved estimate is above the group's measured peak
+    (the count is an upper bound: each member's own peak at once)."""
+    auto = reference_spec(tmp_path, "train.fuse=auto")
+    groups = memory.fused_groups(auto)
+    assert [len(g) for g in groups] == [6]
+    cells = {s.stage: s for s in memory.estimate(auto, "cuda", REGISTRY)}
+    group = next(s for name, s in cells.items() if name.startswith("cells (fused group"))
+    alone = memory.cell_memory(auto, "cuda", REGISTRY)
+    assert max(s.allocated_bytes for s in alone.values()) < group.allocated_bytes < sum(
+        s.allocated_bytes for s in alone.values())
+    assert group.reserved_bytes / GIB >= MEASURED_FUSED_GROUP_RESERVED
+    assert not memory.fused_groups(reference_spec(tmp_path, "train.fuse=off"))
+
+
+def test_a_fused_group_that_cannot_fit_is_refused_naming_train_fuse(tmp_path):
+    """On a 16 GB card the six-cell group (measured 21.46 GiB reserved) is refused, the fix named
+    first; the same spec with train.fuse = "off" fits (every stage ≤ 16 GiB)."""
+    limit = Limit("cuda", 16 * GIB, "--memory-budget 16 GiB", budget=True)
+    with pytest.raises(SpecError) as err:
+        memory.check(reference_spec(tmp_path, "train.fuse=auto"), limit, REGISTRY)
+    knob, text = err.value.problems[0]
+    assert knob == "train.fuse" and text.startswith("the cells (fused group: router_off_real")
+    assert 'To fit, set train.fuse = "off"' in text
+    memory.check(reference_spec(tmp_path, "train.fuse=off"), limit, REGISTRY)
+
+
+def test_cells_with_different_seeds_are_separate_groups(tmp_path):
+    """Cells of different [sweep] seeds see different windows: they never share a group."""
+    spec = load_spec(ROOT / "specs" / "demo.toml", ["train.fuse=auto"], "tiny", REGISTRY)
+    assert [len(g) for g in memory.fused_groups(spec)] == [len(spec.cells)]
+    seeded = load_spec(ROOT / "specs" / "demo.toml", ["train.fuse=auto", "sweep.seed=[0, 1]"], "tiny", REGISTRY)
+    groups = memory.fused_groups(seeded)
+    assert len(groups) == 2 and all({c.seed for c in g} == {g[0].seed} for g in groups)
