@@ -16,7 +16,7 @@ from ablate.training.fused import Member, rng_state, train_fused
 from ablate.training.train import TrainConfig, train_cell
 from ablate_builtins.objectives import CE, KLCE
 
-pytestmark = pytest.mark.seconds(35)  # on one core, the demo pipelines from micro_stages (tests/conftest.py: longest files first)
+pytestmark = pytest.mark.seconds(25)  # on one core, the demo pipelines from micro_stages (tests/conftest.py: longest files first)
 
 V, N_ROWS = 48, 12
 
@@ -218,13 +218,13 @@ def test_a_nan_in_one_cell_fails_only_that_cell():
 
 
 def _demo_run(stages, tmp_path, monkeypatch, name: str, *sets: str) -> dict:
-    """The micro demo (4 cells, 20 steps) from the session's cached stages (conftest.micro_stages)."""
+    """The micro demo (4 cells, 10 steps) from the session's cached stages (conftest.micro_stages)."""
     import json
 
     from cli_run import MICRO_DEMO, ablate_in, demo_dir
 
     cwd = demo_dir(tmp_path / name, stages)
-    args = ["run", *MICRO_DEMO, "--device", "cpu", "--quiet"]
+    args = ["run", *MICRO_DEMO, "--set", "train.steps=10", "--set", "train.eval_every=4", "--device", "cpu", "--quiet"]
     for s in sets:
         args += ["--set", s]
     assert ablate_in(cwd, monkeypatch, *args) == 0
@@ -251,7 +251,7 @@ def test_demo_fused_equals_demo_unfused(micro_stages, tmp_path, monkeypatch):
         assert_close_rows(a["evals"], b["evals"])
         assert_close_rows([a["metrics"]], [b["metrics"]])
         for d in (fused_dir, plain_dir):
-            assert json.loads((d / "runs" / "demo" / "cells" / name / "outcome.json").read_text())["steps"] == 20
+            assert json.loads((d / "runs" / "demo" / "cells" / name / "outcome.json").read_text())["steps"] == 10
         read = lambda d: [{k: float(v) for k, v in r.items() if v != ""}  # noqa: E731
                           for r in csv.DictReader(open(d / "runs" / "demo" / "cells" / name / "metrics.csv"))]
         assert_close_rows(untimed(read(fused_dir)), untimed(read(plain_dir)))
@@ -259,7 +259,8 @@ def test_demo_fused_equals_demo_unfused(micro_stages, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_fused_group_killed_mid_training_resumes_to_the_uninterrupted_results(micro_stages, tmp_path):
+def test_a_fused_group_killed_mid_training_resumes_to_the_uninterrupted_results(micro_stages, tmp_path, monkeypatch,
+                                                                                capsys):
     """SIGKILL while the demo's fused group trains (every cell has a checkpoint), then `ablate run`
     again: every cell resumes from its checkpoint and the results equal an uninterrupted run's."""
     import json
@@ -271,15 +272,14 @@ def test_a_fused_group_killed_mid_training_resumes_to_the_uninterrupted_results(
     import time
     from pathlib import Path
 
-    from cli_run import MICRO_DEMO, demo_dir
+    from cli_run import MICRO_DEMO, ablate_in, demo_dir
 
     exe = shutil.which("ablate") or str(Path(sys.executable).with_name("ablate"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     args = [exe, "run", *MICRO_DEMO, "--set", "train.steps=10", "--set", "train.checkpoint_every=5",
             "--set", "train.fuse=auto", "--device", "cpu"]
     dirs = {d: demo_dir(tmp_path / d, micro_stages) for d in ("straight", "killed")}
-    done = subprocess.run([*args, "--quiet"], cwd=dirs["straight"], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    assert ablate_in(dirs["straight"], monkeypatch, *args[1:], "--quiet") == 0  # in this process: no start-up
     cwd = dirs["killed"]
     proc = subprocess.Popen([*args, "--quiet"], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -292,9 +292,9 @@ def test_a_fused_group_killed_mid_training_resumes_to_the_uninterrupted_results(
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert not list(cells.glob("*/DONE"))
-    resumed = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stderr.count("resuming from step") == 4
+    capsys.readouterr()
+    assert ablate_in(cwd, monkeypatch, *args[1:]) == 0
+    assert capsys.readouterr().err.count("resuming from step") == 4
     a, b = (json.loads((d / "runs" / "demo" / "results.json").read_text()) for d in (dirs["straight"], cwd))
     for name, cell in a["cells"].items():
         other = b["cells"][name]
