@@ -61,6 +61,9 @@ def run_jobs(ctx, jobs: list[CellJob]) -> dict[str, dict]:
     executor_cls = ctx.registry.get("executor", ctx.spec.executor.plugin)
     executor = executor_cls(executor_cls.Params.model_validate(ctx.spec.executor.params()))
     executor.events = ctx.events
+    if ctx.spec.train.fuse == "auto" and not isinstance(executor, LocalExecutor):
+        ctx.ui.warn(f'train.fuse = "auto" fuses cells in the local executor only; the {executor_cls.name} '
+                    "executor trains every cell on its own (the numbers are the same; use --executor local to fuse)")
 
     def run() -> dict[str, dict]:
         records = executor.run(jobs, ctx.device, ctx.stop, ctx.registry, ctx.ui)

@@ -192,6 +192,7 @@ def test_a_fused_group_is_planned_as_one_stage_that_bounds_the_measured_group(tm
         s.allocated_bytes for s in alone.values())
     assert group.reserved_bytes / GIB >= MEASURED_FUSED_GROUP_RESERVED
     assert not memory.fused_groups(reference_spec(tmp_path, "train.fuse=off"))
+    assert not memory.fused_groups(reference_spec(tmp_path, "train.fuse=auto", 'executor.plugin="ray"'))
 
 
 def test_a_fused_group_that_cannot_fit_is_refused_naming_train_fuse(tmp_path):
