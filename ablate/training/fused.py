@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -76,7 +76,7 @@ class Member:
     run: CellRun | None = None
     outcome: TrainOutcome | None = None
     error: Exception | None = None  # NumericalFault | PluginFault that stopped this member
-    saved_step: int | None = field(default=None)
+    saved_step: int | None = None
 
 
 def share_backbone(members: list[Member]) -> None:
