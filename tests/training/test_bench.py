@@ -112,4 +112,3 @@ def test_the_fused_group_gives_each_cell_its_separate_loss(result):
     assert len(check["fused_losses"]) == len(check["separate_losses"]) == 6
     for f, s in zip(check["fused_losses"], check["separate_losses"]):
         assert s > 0 and abs(f - s) <= 1e-6 * s
-    assert fused["aggregate_tokens_per_s"] == pytest.approx(6 * fused["per_cell_tokens_per_s"])
