@@ -47,9 +47,7 @@ def fused_forward(members: list[Student], tokens: torch.Tensor,
         rows = h.view(C, B, T, -1)
         injected = []
         for c, m in enumerate(members):
-            injection = m.engram_injections[str(i)]
-            inj, x = injection(rows[c], m.table, vcontrast=aux, perm=perms[c][i] if aux else None)
-            gates[c][i] = torch.tanh(injection.gate)
+            inj, x, gates[c][i] = m.injection_step(i, rows[c], aux=aux, perm=perms[c][i] if aux else None)
             if aux:
                 vc[c][i], qd[c][i] = x.vc, x.qd
             if i == m.router_layer:

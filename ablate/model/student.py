@@ -172,14 +172,9 @@ class Student(nn.Module):
 
         def after_layer(i: int, h: torch.Tensor) -> torch.Tensor:
             nonlocal e
-            key = str(i)
-            if key not in self.engram_injections:
+            if str(i) not in self.engram_injections:
                 return h
-            injection = self.engram_injections[key]
-            # through a view of h: its two uses inside the injection sum their gradients first, as
-            # they do for a member of a fused group (ablate.model.fused), so the sums round alike
-            inj, x = injection(h.view(h.shape), self.table, vcontrast=aux, generator=generator)
-            gates[i] = torch.tanh(injection.gate)
+            inj, x, gates[i] = self.injection_step(i, h, aux=aux, generator=generator)
             if aux:
                 vc[i], qd[i] = x.vc, x.qd
             if trace:
@@ -191,6 +186,16 @@ class Student(nn.Module):
         logits, router_logits, aligned = self.head(self.backbone(tokens, after_layer), e, inject_mult)
         return StudentOutput(logits=logits, router_logits=router_logits, vc=vc, qd=qd,
                              gates=gates, traces=traces, e=e, aligned=aligned)
+
+    def injection_step(self, layer: int, h: torch.Tensor, *, aux: bool, generator: torch.Generator | None = None,
+                       perm: torch.Tensor | None = None) -> tuple[torch.Tensor, XAttnOut, torch.Tensor]:
+        """The injection of `layer` on h [B, T, d] during a forward → (inj [B, T, d], its XAttnOut,
+        the gate value tanh(a)). aux: the V-contrast branch too, its permutation `perm` or drawn."""
+        injection = self.engram_injections[str(layer)]
+        # through a view of h: its two uses inside the injection sum their gradients first, as they
+        # do for a member of a fused group (ablate.model.fused), so the sums round alike
+        inj, x = injection(h.view(h.shape), self.table, vcontrast=aux, generator=generator, perm=perm)
+        return inj, x, torch.tanh(injection.gate)
 
     def head(self, h: torch.Tensor, e: torch.Tensor | None, inject_mult: float = 1.0
              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -40,7 +40,7 @@ class LocalExecutor(Executor):
                    "that share backbone, oracle and data train as fused groups")
 
     def run(self, jobs: list[CellJob], device: torch.device, stop, registry, ui) -> dict[str, dict]:
-        if any(job.spec.train.fuse == "auto" for job in jobs):  # fusable cells as groups (pipeline/fused_job.py)
+        if any(cellmod.fuses(job.spec) for job in jobs):  # fusable cells as groups (pipeline/fused_job.py)
             from ablate.pipeline.fused_job import run_jobs_fused
 
             return run_jobs_fused(jobs, device, stop, registry, ui, self.events)
@@ -61,7 +61,7 @@ def run_jobs(ctx, jobs: list[CellJob]) -> dict[str, dict]:
     executor_cls = ctx.registry.get("executor", ctx.spec.executor.plugin)
     executor = executor_cls(executor_cls.Params.model_validate(ctx.spec.executor.params()))
     executor.events = ctx.events
-    if ctx.spec.train.fuse == "auto" and not isinstance(executor, LocalExecutor):
+    if cellmod.fuses(ctx.spec) and not isinstance(executor, LocalExecutor):
         ctx.ui.warn(f'train.fuse = "auto" fuses cells in the local executor only; the {executor_cls.name} '
                     "executor trains every cell on its own (the numbers are the same; use --executor local to fuse)")
 

@@ -43,15 +43,11 @@ def fusable_groups(jobs: list[CellJob]) -> list[list[CellJob]]:
     return list(groups.values())
 
 
-def fuses(job: CellJob) -> bool:
-    return job.spec.train.fuse == "auto" and bool(job.spec.model.inject_layers)
-
-
 def run_jobs_fused(jobs: list[CellJob], device: torch.device, stop, registry, ui, events=NO_EVENTS) -> dict[str, dict]:
     """LocalExecutor's loop with fusion: every job's record (run_cell's), in job order."""
     records: dict[str, dict] = {}
     for group in fusable_groups(jobs):
-        todo = [j for j in group if fuses(j) and not cj.settled(j)]
+        todo = [j for j in group if cellmod.fuses(j.spec) and not cj.settled(j)]
         for job in group:
             if job not in todo or len(todo) < 2:
                 if stop.set:

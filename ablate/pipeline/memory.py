@@ -441,9 +441,9 @@ def _cells(spec, device_type, student: StudentShape, V: int, registry, bf16: boo
 def fused_groups(spec) -> list[list]:
     """The cells `train.fuse = "auto"` trains as groups in the local executor (two or more cells with
     the same data seed; ablate.pipeline.fused_job.fuse_key within one spec)."""
-    from ablate.training.cells import training_seeds
+    from ablate.training.cells import fuses, training_seeds
 
-    if spec.train.fuse != "auto" or not spec.model.inject_layers or spec.executor.plugin != "local":
+    if not fuses(spec) or spec.executor.plugin != "local":
         return []
     groups: dict[int, list] = {}
     for cell in spec.cells:

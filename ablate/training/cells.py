@@ -92,6 +92,12 @@ def training_seeds(spec, cell) -> tuple[int, int]:
     return spec.train.model_seed + offset, spec.train.data_seed + offset
 
 
+def fuses(spec) -> bool:
+    """train.fuse resolved: "auto" fuses cells that share their training windows (same data seed,
+    `training_seeds`) when the engram injects somewhere (ablate.training.fused)."""
+    return spec.train.fuse == "auto" and bool(spec.model.inject_layers)
+
+
 COMPILE_MIN_STEPS = 3000  # H100: compiling costs ~135 s cold and saves ~35 ms per step (docs/performance.md)
 
 

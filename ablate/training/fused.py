@@ -23,7 +23,6 @@ the same step to start from, and backbones with equal weights (one module is sha
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -33,9 +32,7 @@ import torch
 
 from ablate.errors import InputError, NumericalFault, PluginFault
 from ablate.model.fused import fused_forward_compiled
-from ablate.training import fastpath
-from ablate.training.losses import cross_entropy
-from ablate.training.train import CellRun, TrainConfig, TrainOutcome, WindowSampler
+from ablate.training.train import CellRun, TrainConfig, TrainOutcome, evaluate_many
 
 _SCHEDULE = ("steps", "batch", "seq_len", "eval_every", "eval_batches", "log_every", "checkpoint_every",
              "data_seed", "val_seed", "precision")
@@ -92,36 +89,6 @@ def share_backbone(members: list[Member]) -> None:
             raise InputError(f"Cells {members[0].cfg.name!r} and {m.cfg.name!r} cannot train fused: their "
                              "backbones' weights differ; train them with train.fuse = \"off\".")
         m.student.backbone = lead
-
-
-def evaluate_group(students: list, samplers: list[WindowSampler], n_batches: int,
-                   autocast: Callable[[], contextlib.AbstractContextManager],
-                   should_stop: Callable[[], bool] = lambda: False) -> list[torch.Tensor] | None:
-    """`evaluate` for a fused group: per member the mean CE of its final logits over n_batches
-    windows, every batch through one fused forward (no aux). The samplers draw the same windows (the
-    group's validation samplers share a seed); each advances as in its member's own run. Returns one
-    0-d fp32 device tensor per member, or None when should_stop() turned true between batches."""
-    for student in students:
-        student.eval()
-    try:
-        totals: list[torch.Tensor | None] = [None] * len(students)
-        for i in range(n_batches):
-            if i > 0 and should_stop():
-                return None
-            if fastpath.enabled_for(samplers[0].device):
-                fastpath.step_begin()
-            inputs, targets = samplers[0]()
-            for other in samplers[1:]:
-                other.draw()
-            with autocast():
-                outs = fused_forward_compiled(students, inputs, None)
-            for c, out in enumerate(outs):
-                ce = cross_entropy(out.logits, targets)
-                totals[c] = ce if totals[c] is None else totals[c] + ce
-        return [total / n_batches for total in totals]
-    finally:
-        for student in students:
-            student.train()
 
 
 def draw_perms(m: Member, device: torch.device) -> dict[int, torch.Tensor]:
@@ -256,8 +223,10 @@ def train_fused(members: list[Member], device: torch.device | str, *,
                 return True
             samplers = [m.run.val_sampler if fork_skip is None else m.run.val_sampler.fork(fork_skip) for m in active]
             before = [sampler.state_dict() for sampler in samplers]
-            values = evaluate_group([m.student for m in active], samplers, cfg.eval_batches, active[0].run.autocast,
-                                    should_stop)
+            students = [m.student for m in active]
+            values = evaluate_many(students, samplers,
+                                   lambda inputs: [o.logits for o in fused_forward_compiled(students, inputs, None)],
+                                   cfg.eval_batches, active[0].run.autocast, should_stop)
             if values is None:
                 for sampler, state in zip(samplers, before):
                     sampler.load_state_dict(state)

@@ -196,22 +196,39 @@ def evaluate(student: torch.nn.Module, sampler: WindowSampler, n_batches: int,
     Returns a 0-d fp32 device tensor, or None when should_stop() turned true between batches.
     Leaves the student in train mode.
     """
-    student.eval()
+    values = evaluate_many([student], [sampler], lambda inputs: [student(inputs, aux=False).logits], n_batches,
+                           autocast, should_stop)
+    return None if values is None else values[0]
+
+
+def evaluate_many(students: list[torch.nn.Module], samplers: list[WindowSampler],
+                  forward: Callable[[torch.Tensor], list[torch.Tensor]], n_batches: int,
+                  autocast: Callable[[], contextlib.AbstractContextManager],
+                  should_stop: Callable[[], bool] = lambda: False) -> list[torch.Tensor] | None:
+    """`evaluate` for students that read the same windows (their samplers share a seed; each advances
+    as in its own run): forward(inputs [B, T]) → each student's final logits [B, T, V]. Returns one
+    mean CE per student (0-d fp32, on the device), or None when stopped between batches."""
+    for student in students:
+        student.eval()
     try:
-        total = None
+        totals: list[torch.Tensor | None] = [None] * len(students)
         for i in range(n_batches):
             if i > 0 and should_stop():
                 return None
-            if fastpath.enabled_for(sampler.device):
+            if fastpath.enabled_for(samplers[0].device):
                 fastpath.step_begin()
-            inputs, targets = sampler()
+            inputs, targets = samplers[0]()
+            for other in samplers[1:]:
+                other.draw()
             with autocast():
-                logits = student(inputs, aux=False).logits
-            ce = cross_entropy(logits, targets)  # chunked fp32: no fp32 [B, T, V] copy
-            total = ce if total is None else total + ce
-        return total / n_batches
+                logits = forward(inputs)
+            for c, z in enumerate(logits):
+                ce = cross_entropy(z, targets)  # chunked fp32: no fp32 [B, T, V] copy
+                totals[c] = ce if totals[c] is None else totals[c] + ce
+        return [total / n_batches for total in totals]
     finally:
-        student.train()
+        for student in students:
+            student.train()
 
 
 def _to_cpu(obj: Any) -> Any:
