@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 import torch
+from ablate.model.logits import as_tensor
 from ablate.api.components import CellView
 from ablate.oracle.hashing import canonical_rows
 from ablate.model.backbone import Backbone, BackboneConfig
@@ -59,9 +60,14 @@ def view(student, name="cell", evals=(), history=(), sidecar=SIDECAR) -> CellVie
 
 
 def outputs(student):
-    """The model's own traced forwards (facts the probes read), one per probe batch."""
+    """The model's own traced forwards (facts the probes read), one per probe batch, with the logits
+    formed as [B, T, V] tensors."""
     with torch.no_grad():
-        return [student.eval()(b[:, :-1], trace=True) for b in BATCHES]
+        outs = [student.eval()(b[:, :-1], trace=True) for b in BATCHES]
+    for out in outs:
+        out.logits = as_tensor(out.logits)
+        out.router_logits = None if out.router_logits is None else as_tensor(out.router_logits)
+    return outs
 
 
 def cos64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from ablate.training.losses import cross_entropy, jsd_rows, kl_rows, masked_mean
 from ablate.model.backbone import Backbone, BackboneConfig
 from ablate.model.checkpoint import CONFIG_KEY as BACKBONE_CONFIG_KEY
 from ablate.model.checkpoint import load_backbone, save_backbone
+from ablate.model.logits import LinearLogits, as_tensor
 from ablate.oracle.build import gaussian_twin
 
 __all__ = [
@@ -28,7 +29,7 @@ __all__ = [
     "pretrain_lm", "evaluate", "validation_windows",
     # objectives
     "Objective", "ObjectiveBatch", "ObjectiveResult", "ObjectiveContext",
-    "losses", "cross_entropy", "kl_rows", "jsd_rows", "masked_mean",
+    "losses", "cross_entropy", "kl_rows", "jsd_rows", "masked_mean", "LinearLogits", "as_tensor",
     # probes
     "Probe", "CellView", "StudentView", "Trace", "InjectionTrace", "RouterState", "Metric", "MetricTable",
     "METRIC_ROLES", "gaussian_twin",

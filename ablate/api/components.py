@@ -15,6 +15,8 @@ from typing import Any, Callable, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from ablate.model.logits import Logits
+
 
 class Params(BaseModel):
     """Base for every component's parameter model: unknown keys are errors."""
@@ -152,15 +154,19 @@ class ObjectiveBatch:
     logits:        [B, T, V] final merged logits (z_LM + z_r); bf16 under autocast
     targets:       [B, T] int64 next tokens
     tokens:        [B, T] int64 inputs (targets are tokens shifted by one)
-    router_logits: [B, T, V] z_r snapshot before the merge, or None when the router is off
+    router_logits: [B, T, V] the router's logits z_r, or None when the router is off
+
+    For an objective with `accepts_linear_logits`, logits and router_logits may instead be
+    LinearLogits (x [B, T, d] · Eᵀ, ablate.model.logits), which the `ablate.api.losses` functions
+    form a chunk of positions at a time; `as_tensor` forms the whole tensor.
     teacher_rows:  [B, T] int64 canonical sidecar row per position, −1 where masked (p < 2)
     sidecar:       [N, V] mean teacher logits per row (bf16 or fp32), or None
     """
 
-    logits: torch.Tensor
+    logits: Logits
     targets: torch.Tensor
     tokens: torch.Tensor
-    router_logits: torch.Tensor | None = None
+    router_logits: Logits | None = None
     teacher_rows: torch.Tensor | None = None
     sidecar: torch.Tensor | None = None
 
@@ -174,6 +180,10 @@ class ObjectiveResult:
 class Objective(Component):
     needs_router: ClassVar[bool] = False
     needs_sidecar: ClassVar[bool] = False
+    # True: the objective hands batch.logits and batch.router_logits only to the ablate.api.losses
+    # functions (or `as_tensor`), so they may arrive as LinearLogits and no [B, T, V] tensor is formed
+    # (the fused loss head). False: they arrive as [B, T, V] tensors.
+    accepts_linear_logits: ClassVar[bool] = False
 
     def __init__(self, params: Params, ctx: ObjectiveContext):
         super().__init__(params)

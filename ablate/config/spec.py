@@ -184,6 +184,9 @@ class ModelSpec(Strict):
     retrieval_bias: float = 1.0
     gate_init: float = 0.0
     alpha_init: float = Field(0.1, gt=0)
+    # the engram top-k search (ablate.model.engram): "auto" = "bf16-rerank" on CUDA, "float32" elsewhere;
+    # "float32" = exact everywhere. Under numerics = "upstream" the reference's autocast search is used.
+    similarity: Literal["auto", "float32", "bf16-rerank"] = "auto"
 
 
 class TrainSpec(Strict):
@@ -420,6 +423,13 @@ class Spec(Strict):
     discriminator: list[DiscriminatorSpec] = []
     expect: ExpectSpec | None = None
     profiles: dict[PathName, dict[str, Any]] = {}
+
+    @model_validator(mode="after")
+    def _check_numerics(self):
+        if self.numerics == "upstream" and "similarity" in self.model.model_fields_set:
+            raise ValueError('model.similarity is set but numerics = "upstream" searches in the autocast dtype '
+                             'as the reference does; remove model.similarity or use numerics = "ablate"')
+        return self
 
 
 # ------------------------------------------------------------------------------- loading

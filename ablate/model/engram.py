@@ -12,6 +12,8 @@ top-k; the full [B, T, N] similarity lives only inside a no-grad region and the 
 similarities are recomputed with gradient. `similarity="bf16-rerank"` runs that search in
 bfloat16 and re-ranks its best k + max(k, 8) candidates by their exact float32 cosines: the
 float32 top-k unless a row's exact score lies within ≈2⁻⁶ of the k-th (bound in `retrieve`).
+`similarity="auto"` (the spec's default, model.similarity) is "bf16-rerank" on CUDA and "float32"
+elsewhere.
 `similarity="autocast"` (numerics = "upstream")
 computes the cosines in the autocast dtype as the reference does (§11.4: under bf16 another
 top-8 set at ≈14% of positions) and keeps the k winners of that [B, T, N] tensor with gradient.
@@ -77,10 +79,10 @@ class EngramCrossAttention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, hidden_dim // num_heads
         self.top_k, self.retrieval_bias = top_k, retrieval_bias
-        if similarity not in ("float32", "bf16-rerank", "autocast"):
-            raise InputError(f"Unknown engram similarity {similarity!r}; use 'float32' (exact), "
+        if similarity not in ("auto", "float32", "bf16-rerank", "autocast"):
+            raise InputError(f"Unknown engram similarity {similarity!r}; use 'auto', 'float32' (exact), "
                              "'bf16-rerank' or 'autocast' (the reference's).")
-        self.similarity = similarity  # "float32" (exact) | "bf16-rerank" | "autocast"
+        self.similarity = similarity  # "auto" | "float32" (exact) | "bf16-rerank" | "autocast"
         self.W_r = nn.Linear(hidden_dim, engram_dim, bias=False)
         self.row_norm = nn.LayerNorm(engram_dim, eps=1e-6)
         self.W_q = nn.Linear(hidden_dim, hidden_dim, bias=False)
@@ -123,7 +125,7 @@ class EngramCrossAttention(nn.Module):
             r = F.normalize(r.float(), dim=-1, eps=1e-8)
             rows = F.normalize(table.float(), dim=-1, eps=1e-8)
             with torch.no_grad():
-                if self.similarity == "bf16-rerank":
+                if self.similarity == "bf16-rerank" or (self.similarity == "auto" and r.device.type == "cuda"):
                     N = rows.shape[0]
                     r16, rows16 = r.bfloat16(), rows.bfloat16()
                     if r.device.type == "cuda":  # mm's out_dtype: bf16 inputs, float32 output

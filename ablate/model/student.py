@@ -29,6 +29,7 @@ from ablate.api.components import InjectionTrace, RouterState, Trace
 from ablate.errors import InputError
 from ablate.model.backbone import Backbone
 from ablate.model.engram import EngramCrossAttention, GatedEngramInjection, XAttnOut
+from ablate.model.logits import LinearLogits, Logits, as_tensor, product_dtype
 from ablate.model.router import SkipToLogitRouter
 
 TRAINABLE_PREFIXES = ("engram_injections.", "engram_skip_router.")
@@ -46,6 +47,7 @@ class EngramConfig:
     router: bool = False
     alpha_init: float = 0.1
     numerics: str = "ablate"  # "upstream": similarities in the autocast dtype, no router at inject_mult 0
+    similarity: str = "auto"  # the top-k search under numerics "ablate" (EngramCrossAttention's modes)
 
     def trainable_parameters(self, hidden_dim: int) -> int:
         """The adapters' parameter count on a backbone of width d = hidden_dim, from the shapes alone;
@@ -87,8 +89,8 @@ class LayerTrace:
 
 @dataclass
 class StudentOutput:
-    logits: torch.Tensor  # [B, T, V] z_LM + z_r
-    router_logits: torch.Tensor | None = None  # [B, T, V] z_r before the merge
+    logits: Logits  # [B, T, V] z_LM + z_r (a LinearLogits under numerics "ablate", see Student.head)
+    router_logits: Logits | None = None  # [B, T, V] z_r
     vc: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → V-contrast (aux=True)
     qd: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → Q-diversity (aux=True)
     gates: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → tanh(a)
@@ -107,7 +109,7 @@ class Student(nn.Module):
         self.engram_injections = nn.ModuleDict({
             str(i): GatedEngramInjection(
                 EngramCrossAttention(d, cfg.engram_dim, cfg.num_heads, cfg.top_k, cfg.retrieval_bias,
-                                     similarity="autocast" if cfg.numerics == "upstream" else "float32"),
+                                     similarity="autocast" if cfg.numerics == "upstream" else cfg.similarity),
                 gate_init=cfg.gate_init)
             for i in cfg.inject_layers
         })
@@ -115,6 +117,7 @@ class Student(nn.Module):
         self.router_layer = max(cfg.inject_layers) if cfg.router else None
         self.register_buffer("table", self._checked_table(table), persistent=False)
         self._compiled: str | None = None  # the compile backend, set by compile_hot_paths
+        self.fused_head: bool | None = None  # None: the fused loss head where uses_fused_head says (CUDA)
 
     def _checked_table(self, table: torch.Tensor) -> torch.Tensor:
         if table.dim() != 2 or table.shape[1] != self.cfg.engram_dim:
@@ -197,21 +200,43 @@ class Student(nn.Module):
         inj, x = injection(h.view(h.shape), self.table, vcontrast=aux, generator=generator, perm=perm)
         return inj, x, torch.tanh(injection.gate)
 
+    def uses_fused_head(self, device: torch.device) -> bool:
+        """Whether `head` hands the losses LinearLogits (the fused loss head): under numerics "ablate"
+        on CUDA, where the [B, T, V] logits and their gradient are the step's largest tensors, unless
+        `fused_head` says otherwise. The CPU keeps whole logits: its runs are small, and its float32
+        numbers stay those of z_LM + z_r summed after the products (the calibration's; a single seed's
+        cross_run_cos is sensitive to that rounding, docs/calibration.md)."""
+        if self.cfg.numerics == "upstream":
+            return False
+        return device.type == "cuda" if self.fused_head is None else self.fused_head
+
     def head(self, h: torch.Tensor, e: torch.Tensor | None, inject_mult: float = 1.0
-             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+             ) -> tuple[Logits, Logits | None, torch.Tensor | None]:
         """Final hidden state h [B, T, d] and router input e [B, T, d] (None with the router off)
-        → (logits [B, T, V] = z_LM + z_r, z_r [B, T, V] or None, W_align(e) [B, T, d] or None)."""
-        logits = self.backbone.logits(h)
-        router_logits = aligned = None
+        → (logits [B, T, V] = z_LM + z_r, z_r [B, T, V] or None, W_align(e) [B, T, d] or None).
+
+        Both products share the tied E: z_LM + z_r = (final_norm(h) + α·W_align(e))·Eᵀ. With the
+        fused loss head (`fused_head`) the logits come back as LinearLogits of those inputs (cast to
+        the autocast dtype), which the losses form a chunk at a time; otherwise as the reference
+        forms them: z_LM and z_r whole, z_r added to z_LM."""
+        E = self.backbone.lm_head_weight
+        normed = self.backbone.final_norm(h)
+        routed = aligned = None
         skip_router = inject_mult == 0 and self.cfg.numerics == "upstream"  # the reference skips it there
         if self.engram_skip_router is not None and not skip_router:
             aligned = self.engram_skip_router.W_align(e)
-            # α · (aligned · Eᵀ) computed as (α · aligned) · Eᵀ: the scalar meets [B, T, d], not
-            # [B, T, V], so no [B, T, V] product is kept for α's gradient.
-            router_logits = F.linear(self.engram_skip_router.alpha * aligned,
-                                     self.backbone.lm_head_weight)
-            logits = logits.add_(router_logits)  # in place: no second [B, T, V] buffer
-        return logits, router_logits, aligned
+            # α meets [B, T, d], not [B, T, V]: no [B, T, V] product is kept for α's gradient
+            routed = self.engram_skip_router.alpha * aligned
+        if not self.uses_fused_head(h.device):
+            logits = F.linear(normed, E)
+            if routed is None:
+                return logits, None, aligned
+            router_logits = F.linear(routed, E)
+            return logits.add_(router_logits), router_logits, aligned  # in place: no second [B, T, V] buffer
+        dtype = product_dtype(normed)
+        if routed is None:
+            return LinearLogits(normed.to(dtype), E), None, aligned
+        return LinearLogits((normed + routed).to(dtype), E), LinearLogits(routed.to(dtype), E), aligned
 
     # ------------------------------------------------- the StudentView protocol (ablate.api.components)
 
@@ -251,7 +276,8 @@ class Student(nn.Module):
             out = self(tokens.to(self.table.device), trace=True)
         layers = {l: InjectionTrace(h_in=tr.h_in, inj=tr.inj, out=tr.xattn.out, indices=tr.xattn.indices,
                                     sims=tr.xattn.sims, attn=tr.xattn.attn) for l, tr in out.traces.items()}
-        return Trace(logits=out.logits, layers=layers, router_logits=out.router_logits, aligned=out.aligned)
+        router_logits = None if out.router_logits is None else as_tensor(out.router_logits)
+        return Trace(logits=as_tensor(out.logits), layers=layers, router_logits=router_logits, aligned=out.aligned)
 
     def inject(self, layer: int, h_in: torch.Tensor, table: torch.Tensor) -> InjectionTrace:
         """The injection of `layer` on h_in [B, T, d] against `table` [N', E] (moved to this device)."""

@@ -36,9 +36,12 @@ from ablate.api.components import ObjectiveContext
 from ablate.errors import InputError
 from ablate.oracle.hashing import RowContract
 from ablate.model.backbone import Backbone, BackboneConfig
+from ablate.model.logits import as_tensor
 from ablate.model.student import EngramConfig, Student
 from ablate.training.bench_fused import bench_fused
 from ablate.training.bench_fused import table_row as fused_row
+from ablate.training.bench_loss_head import bench_loss_head
+from ablate.training.bench_loss_head import table_row as loss_head_row
 from ablate.training.optim import CellOptimizer, wsd_multiplier
 from ablate.training.train import (CellRun, TrainConfig, WindowSampler, aux_lambda, autocast_for,
                           compiled_canonical_rows, evaluate)
@@ -260,9 +263,9 @@ class NaiveStep:
         rows = cfg.row_contract.rows_of(inputs)
         with self.autocast():
             out = self.student(inputs, aux=True)
-        log_p = F.log_softmax(out.logits.float(), dim=-1)
+        log_p = F.log_softmax(as_tensor(out.logits).float(), dim=-1)
         ce = F.nll_loss(log_p.flatten(0, 1), targets.flatten())
-        log_r = F.log_softmax(out.router_logits.float(), dim=-1)
+        log_r = F.log_softmax(as_tensor(out.router_logits).float(), dim=-1)
         log_t = F.log_softmax(self.sidecar[rows.clamp(min=0)].float(), dim=-1)
         kl_per_token = (log_r.exp() * (log_r - log_t)).sum(dim=-1)
         mask = (rows >= 0).float()
@@ -516,6 +519,8 @@ def render_table(result: dict) -> Table:
                       _fmt(m["batched_ms_per_step"], ".3f"), "", "", "",
                       f"{m['speedup']:.2f}× vs per-matrix ({m['per_matrix_ms_per_step']:.3f} ms, "
                       f"{mu['matrices']} matrices){'' if m['ok'] else ', MISMATCH'}")
+    if result.get("loss_head"):
+        table.add_row(*loss_head_row(result["loss_head"]))
     if result.get("fused"):
         table.add_row(*fused_row(result["fused"]))
     if result.get("oracle"):
@@ -558,6 +563,7 @@ def run_bench(size_name: str, device: torch.device, steps: int | None = None,
                              "warmup_steps": size.warmup, "teacher": size.teacher}}
     result["cells"] = bench_cells(size, device, peak)
     result["muon"] = bench_muon(size, device)
+    result["loss_head"] = bench_loss_head(size, device, time_steps, size.tolerance[result["cells"]["precision"]])
     result["fused"] = bench_fused(size, device, result["cells"])
     result["oracle"] = bench_oracle(size, device, peak) if oracle else None
     result["full_matrix_estimate"] = full_matrix_estimate(result["cells"])
@@ -576,5 +582,6 @@ def bench_command(args, console) -> int:
     console.print(render_table(result))
     console.print(f"results: {args.out}")
     muon_ok = all(result["muon"][n]["ok"] for n in ("ablate", "upstream"))
-    return 0 if result["cells"]["loss_check"]["ok"] and muon_ok and result["fused"]["loss_check"]["ok"] else 1
+    checks = (result["cells"]["loss_check"]["ok"], muon_ok, result["loss_head"]["ok"], result["fused"]["loss_check"]["ok"])
+    return 0 if all(checks) else 1
 

@@ -72,7 +72,7 @@ def engram_config(spec, cell):
     m = spec.model
     return EngramConfig(inject_layers=tuple(m.inject_layers), engram_dim=spec.oracle.engram_dim, num_heads=m.num_heads,
                         top_k=m.top_k, retrieval_bias=m.retrieval_bias, gate_init=m.gate_init, router=cell.router,
-                        alpha_init=m.alpha_init, numerics=spec.numerics)
+                        alpha_init=m.alpha_init, numerics=spec.numerics, similarity=m.similarity)
 
 
 def train_config(spec, cell, contract):

@@ -1,16 +1,20 @@
-"""Per-token losses between router logits and sidecar teacher rows, chunked over positions.
+"""Per-token losses of [B, T, V] logits (CE against targets; KL and JSD against sidecar teacher
+rows), chunked over positions.
 
-Shapes: z_r [B, T, V] router logits (any float dtype), sidecar [N, V] teacher logits per row,
-rows [B, T] int64 (sidecar row per position, −1 = masked), weights [B, T] (optional).
+Shapes: z_r [B, T, V] router logits, either a tensor (any float dtype) or a LinearLogits
+x [B, T, d] · Eᵀ (ablate.model.logits); sidecar [N, V] teacher logits per row, rows [B, T] int64
+(sidecar row per position, −1 = masked), weights [B, T] (optional).
 
 All maths runs in float32 whatever the input dtype, one chunk of positions at a time: each
 chunk gathers its own sidecar rows and upcasts only [chunk, V], so no float32 [B, T, V] copy
-ever exists. When z_r needs a gradient, the forward pass writes the analytic gradient of each
-chunk straight into a tensor of z_r's dtype (one pass over the logits instead of a forward
-and a recomputing backward); autograd keeps that tensor instead of z_r, and the backward pass
-only multiplies it by the upstream gradient, in place. On CUDA each chunk runs as one
-compiled graph (ablate.training.fastpath). Gradients flow to z_r only; the sidecar, rows and weights
-are data.
+ever exists. When the logits need a gradient, the forward pass writes the analytic gradient of
+each chunk (one pass over the logits instead of a forward and a recomputing backward); autograd
+keeps that gradient instead of the logits, and the backward pass only multiplies it by the
+upstream gradient, in place. For a LinearLogits (the fused loss head) each chunk's logits are
+formed from x and E, and its gradient leaves the chunk as a [chunk, d] product with E: no
+[B, T, V] tensor of any dtype exists. On CUDA each chunk's loss runs as one compiled graph
+(ablate.training.fastpath). Gradients flow to the logits (x, and E if it needs one) only; the
+sidecar, rows and weights are data.
 
 Divergences return (Σ_p w_p·D_p, Σ_p w_p) over unmasked positions; `masked_mean` divides.
 """
@@ -23,8 +27,9 @@ from typing import Callable, Literal
 import torch
 from torch.autograd.function import once_differentiable
 
-from ablate.training import fastpath
 from ablate.errors import InputError
+from ablate.model.logits import LinearLogits, Logits
+from ablate.training import fastpath
 
 Direction = Literal["forward", "reverse"]
 _LN2 = math.log(2.0)
@@ -93,38 +98,81 @@ _divergence_chunk_fast = fastpath.dispatch_compiled(_divergence_chunk)
 _scale_fast = fastpath.dispatch_compiled(_scale)
 
 
-class _RowDivergence(torch.autograd.Function):
-    """Σ_p w_p·D(softmax(z_p/T), softmax(S[row_p]/T)) with z [P, V], rows [P], w [P] float32.
+def _chunked_sum(logits: torch.Tensor, weight: torch.Tensor | None, chunk: int, grad_logits: bool,
+                 grad_weight: bool, per_chunk: Callable) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                   torch.Tensor | None]:
+    """Σ over chunks of positions of per_chunk(z [c, V], part, g [c, V] or None) → (float64 sum,
+    ∂/∂logits, ∂/∂weight). per_chunk returns its chunk's float64 sum and, given g, writes ∂sum/∂z
+    into it (z's dtype).
 
-    The gradient is computed in the same pass as the value (when z needs one) and kept in z's
-    dtype; backward only scales it by the upstream gradient, in place. z itself is not saved.
+    weight None: `logits` is z itself [P, V]; its gradient is written straight into a [P, V] tensor.
+    weight [V, d]: `logits` is x [P, d] with z = x·weightᵀ formed one chunk at a time in x's dtype
+    (the fused loss head): only a [c, V] chunk and its gradient exist at once, and the gradient
+    leaves each chunk as g·weight [c, d] (and gᵀ·x [V, d], accumulated in float32, for the weight).
+    """
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    grad_x = torch.empty_like(logits) if grad_logits else None
+    if weight is None:
+        for start in range(0, logits.shape[0], chunk):
+            part = slice(start, start + chunk)
+            total += per_chunk(logits[part], part, grad_x[part] if grad_logits else None)
+        return total, grad_x, None
+    w = weight.to(logits.dtype)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
+    g_buffer = (torch.empty((min(chunk, logits.shape[0]), weight.shape[0]), dtype=logits.dtype,
+                            device=logits.device) if grad_logits or grad_weight else None)
+    for start in range(0, logits.shape[0], chunk):
+        part = slice(start, start + chunk)
+        x = logits[part]
+        g = None if g_buffer is None else g_buffer[:x.shape[0]]
+        total += per_chunk(torch.nn.functional.linear(x, w), part, g)
+        if grad_x is not None:
+            torch.mm(g, w, out=grad_x[part])
+        if grad_w is not None:
+            grad_w.addmm_(g.t().float(), x.float())
+    return total, grad_x, None if grad_w is None else grad_w.to(weight.dtype)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """A loss summed over chunks of positions (`_chunked_sum`) whose gradient is computed in the
+    same pass as the value and kept (logits' dtype; the weight's, for the weight); backward only
+    scales it by the upstream gradient, in place. The logits are not saved.
+
+    apply(logits [P, V] or x [P, d], weight [V, d] or None, chunk, per_chunk, scale) → the float32
+    sum times `scale`.
     """
 
     @staticmethod
-    def forward(ctx, z, sidecar, rows, weights, kind: str, temperature: float, chunk: int):
-        with_grad = ctx.needs_input_grad[0]
-        grad_z = torch.empty_like(z) if with_grad else None
-        total = torch.zeros((), dtype=torch.float64, device=z.device)
-        with torch.autocast(z.device.type, enabled=False):
-            for start in range(0, z.shape[0], chunk):
-                part = slice(start, start + chunk)
-                div = _divergence_chunk_fast(z[part], sidecar, rows[part], weights[part], kind,
-                                             temperature, grad_z[part] if with_grad else None)
-                total += (div * weights[part]).sum(dtype=torch.float64)
-        ctx.save_for_backward(grad_z)
-        return total.float()
+    def forward(ctx, logits, weight, chunk: int, per_chunk: Callable, scale: float):
+        with torch.autocast(logits.device.type, enabled=False):
+            total, grad_x, grad_w = _chunked_sum(logits, weight, chunk, ctx.needs_input_grad[0],
+                                                 ctx.needs_input_grad[1], per_chunk)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.scale = scale
+        return (total * scale).float()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total):
-        (grad_z,) = ctx.saved_tensors
-        _scale_fast(grad_z, grad_total)
-        return grad_z, None, None, None, None, None, None
+        grad_x, grad_w = ctx.saved_tensors
+        factor = grad_total * ctx.scale
+        for grad in (grad_x, grad_w):
+            if grad is not None:
+                _scale_fast(grad, factor)
+        return grad_x, grad_w, None, None, None
+
+
+def _factors(logits: Logits) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B, T, V] logits → (z [P, V], None), or (x [P, d], weight [V, d]) for a LinearLogits."""
+    if isinstance(logits, LinearLogits):
+        x = logits.inputs
+        return x.reshape(-1, x.shape[-1]), logits.weight
+    return logits.reshape(-1, logits.shape[-1]), None
 
 
 def _row_divergence(z_r, sidecar, rows, weights, kind: str, temperature: float, chunk: int):
     """Validate shapes, flatten positions, fold the row mask into the weights, then apply."""
-    if z_r.dim() != 3 or rows.shape != z_r.shape[:2]:
+    if len(z_r.shape) != 3 or rows.shape != z_r.shape[:2]:
         raise InputError(f"Router logits must be [B, T, V] with teacher rows [B, T]; got "
                          f"{tuple(z_r.shape)} and {tuple(rows.shape)}. Pass matching tensors.")
     if sidecar.dim() != 2 or sidecar.shape[1] != z_r.shape[2]:
@@ -141,15 +189,20 @@ def _row_divergence(z_r, sidecar, rows, weights, kind: str, temperature: float, 
     flat_rows = rows.reshape(-1)
     valid = (flat_rows >= 0).float()
     w = valid if weights is None else weights.reshape(-1).float() * valid
-    total = _RowDivergence.apply(z_r.reshape(-1, z_r.shape[-1]), sidecar.detach(), flat_rows,
-                                 w.detach(), kind, float(temperature), int(chunk))
+    sidecar, w, temperature = sidecar.detach(), w.detach(), float(temperature)
+
+    def per_chunk(z: torch.Tensor, part: slice, grad_out: torch.Tensor | None) -> torch.Tensor:
+        div = _divergence_chunk_fast(z, sidecar, flat_rows[part], w[part], kind, temperature, grad_out)
+        return (div * w[part]).sum(dtype=torch.float64)
+
+    total = _ChunkedLoss.apply(*_factors(z_r), int(chunk), per_chunk, 1.0)
     return total, w.sum(dtype=torch.float64).float()
 
 
 # --------------------------------------------------------------------------------- public API
 
 
-def kl_rows(z_r: torch.Tensor, sidecar: torch.Tensor, rows: torch.Tensor,
+def kl_rows(z_r: Logits, sidecar: torch.Tensor, rows: torch.Tensor,
             weights: torch.Tensor | None = None, direction: Direction = "forward",
             temperature: float = 1.0, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """KL between P_r = softmax(z_r/T) [B, T, V] and P_t = softmax(S[rows]/T) per position.
@@ -163,7 +216,7 @@ def kl_rows(z_r: torch.Tensor, sidecar: torch.Tensor, rows: torch.Tensor,
     return _row_divergence(z_r, sidecar, rows, weights, direction, temperature, chunk)
 
 
-def jsd_rows(z_r: torch.Tensor, sidecar: torch.Tensor, rows: torch.Tensor,
+def jsd_rows(z_r: Logits, sidecar: torch.Tensor, rows: torch.Tensor,
              weights: torch.Tensor | None = None, temperature: float = 1.0,
              chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """Jensen–Shannon ½KL(P_r‖M) + ½KL(P_t‖M), M = ½(P_r + P_t); same contract as kl_rows."""
@@ -196,39 +249,17 @@ def _cross_entropy_chunk(z: torch.Tensor, targets: torch.Tensor,
 _cross_entropy_chunk_fast = fastpath.dispatch_compiled(_cross_entropy_chunk)
 
 
-class _CrossEntropy(torch.autograd.Function):
-    """Mean over P positions of −log softmax(z)[y], z [P, V], y [P]; the gradient is computed
-    in the forward pass (when z needs one) and scaled in place in backward."""
-
-    @staticmethod
-    def forward(ctx, z, targets, chunk: int):
-        with_grad = ctx.needs_input_grad[0]
-        grad_z = torch.empty_like(z) if with_grad else None
-        total = torch.zeros((), dtype=torch.float64, device=z.device)
-        with torch.autocast(z.device.type, enabled=False):
-            for start in range(0, z.shape[0], chunk):
-                part = slice(start, start + chunk)
-                nll = _cross_entropy_chunk_fast(z[part], targets[part],
-                                                grad_z[part] if with_grad else None)
-                total += nll.sum(dtype=torch.float64)
-        ctx.save_for_backward(grad_z)
-        ctx.positions = z.shape[0]
-        return (total / z.shape[0]).float()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_mean):
-        (grad_z,) = ctx.saved_tensors
-        _scale_fast(grad_z, grad_mean / ctx.positions)
-        return grad_z, None, None
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """Mean over all B·T positions of −log softmax(logits)[targets]; logits [B, T, V],
-    targets [B, T] int64. float32 scalar, computed chunk by chunk in float32."""
-    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
+def cross_entropy(logits: Logits, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Mean over all B·T positions of −log softmax(logits)[targets]; logits [B, T, V] (a tensor or
+    a LinearLogits), targets [B, T] int64. float32 scalar, computed chunk by chunk in float32."""
+    if len(logits.shape) != 3 or targets.shape != logits.shape[:2]:
         raise InputError(f"Logits must be [B, T, V] with targets [B, T]; got "
                          f"{tuple(logits.shape)} and {tuple(targets.shape)}.")
     if chunk < 1:
         raise InputError(f"The position chunk size must be ≥ 1; got {chunk}.")
-    return _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), int(chunk))
+    flat_targets = targets.reshape(-1)
+
+    def per_chunk(z: torch.Tensor, part: slice, grad_out: torch.Tensor | None) -> torch.Tensor:
+        return _cross_entropy_chunk_fast(z, flat_targets[part], grad_out).sum(dtype=torch.float64)
+
+    return _ChunkedLoss.apply(*_factors(logits), int(chunk), per_chunk, 1.0 / flat_targets.numel())

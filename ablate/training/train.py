@@ -45,6 +45,7 @@ from ablate.training import fastpath
 from ablate.api.components import Objective, ObjectiveBatch
 from ablate.config.spec import TrainSpec
 from ablate.errors import InputError, NumericalFault, PluginFault
+from ablate.model.logits import Logits, as_tensor, logit_rows
 from ablate.oracle.hashing import RowContract, canonical_rows
 from ablate.training.losses import cross_entropy
 from ablate.training.optim import CellOptimizer, wsd_multiplier
@@ -153,33 +154,34 @@ def autocast_for(device: torch.device, precision: str
 
 
 @torch.no_grad()
-def router_statistics(router_logits: torch.Tensor, teacher_rows: torch.Tensor | None = None,
+def router_statistics(router_logits: Logits, teacher_rows: torch.Tensor | None = None,
                       sidecar: torch.Tensor | None = None, chunk: int = 1024
                       ) -> dict[str, torch.Tensor]:
     """Router diagnostics as 0-d fp32 device tensors, computed in chunks of positions.
 
-    router_logits [B, T, V]; teacher_rows [B, T] (−1 = no row); sidecar [N, V].
+    router_logits [B, T, V] (a tensor or a LinearLogits, formed a chunk at a time); teacher_rows
+    [B, T] (−1 = no row); sidecar [N, V].
     router_entropy: mean over all B·T positions of H(softmax(z_r)) in nats.
     teacher_match_cos (only with a sidecar): mean over positions with a row of
     cos(softmax(z_r), softmax(S[row])); NaN when no position has a row.
     """
-    z = router_logits.reshape(-1, router_logits.shape[-1])
-    entropy_sum = torch.zeros((), dtype=torch.float32, device=z.device)
+    positions, device = math.prod(router_logits.shape[:-1]), router_logits.device
+    entropy_sum = torch.zeros((), dtype=torch.float32, device=device)
     with_teacher = sidecar is not None and teacher_rows is not None
     rows = teacher_rows.reshape(-1) if with_teacher else None
-    cos_sum = torch.zeros((), dtype=torch.float32, device=z.device)
-    for start in range(0, z.shape[0], chunk):
-        log_p = torch.log_softmax(z[start:start + chunk].float(), dim=-1)
+    cos_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for start in range(0, positions, chunk):
+        log_p = torch.log_softmax(logit_rows(router_logits, start, start + chunk).float(), dim=-1)
         p = log_p.exp()
         entropy_sum -= (p * log_p).sum()
         if with_teacher:
             r = rows[start:start + chunk]
             valid = r >= 0
-            teacher = sidecar[r.clamp(min=0).to(sidecar.device)].to(z.device).float()
+            teacher = sidecar[r.clamp(min=0).to(sidecar.device)].to(device).float()
             p_t = torch.softmax(teacher, dim=-1)
             cos = F.cosine_similarity(p, p_t, dim=-1, eps=1e-30)
             cos_sum += torch.where(valid, cos, torch.zeros_like(cos)).sum()
-    stats = {"router_entropy": entropy_sum / z.shape[0]}
+    stats = {"router_entropy": entropy_sum / positions}
     if with_teacher:
         n_valid = (rows >= 0).sum()
         stats["teacher_match_cos"] = torch.where(
@@ -390,16 +392,20 @@ class CellRun:
         rows = hash_rows(inputs, contract.rows, contract.seed) if want_rows else None
         with self.autocast():
             out = self.student(inputs, aux=True) if out is None else out
-            batch = ObjectiveBatch(logits=out.logits, targets=targets, tokens=inputs,
-                                   router_logits=out.router_logits, teacher_rows=rows, sidecar=self.sidecar)
+            logits, router_logits = out.logits, out.router_logits
+            if not getattr(self.objective, "accepts_linear_logits", False):  # reads the tensors themselves
+                logits = as_tensor(logits)
+                router_logits = None if router_logits is None else as_tensor(router_logits)
+            batch = ObjectiveBatch(logits=logits, targets=targets, tokens=inputs, router_logits=router_logits,
+                                   teacher_rows=rows, sidecar=self.sidecar)
             try:
                 result = self.objective(batch)
             except Exception as exc:  # the plugin's own failure: this cell fails, the run goes on
                 raise PluginFault("objective", self.objective.name, f"at step {s}", exc) from exc
-        stats = (router_statistics(out.router_logits, rows, self.sidecar)
-                 if log_step and out.router_logits is not None else {})
+        stats = (router_statistics(router_logits, rows, self.sidecar)
+                 if log_step and router_logits is not None else {})
         vc, qd, gates = out.vc, out.qd, out.gates
-        del out  # §9 item 9: no [B, T, V] logits outlive the loss graph
+        del out, batch, logits, router_logits  # §9 item 9: no [B, T, V] logits outlive the loss graph
         lam_vc = aux_lambda(s, cfg.vcontrast_weight, cfg.aux_warmup)
         lam_qd = aux_lambda(s, cfg.qdiv_weight, cfg.aux_warmup)
         loss = result.loss + lam_vc * sum(vc.values()) + lam_qd * sum(qd.values())

@@ -27,6 +27,7 @@ def _lam_field():
 
 class CE(Objective):
     name = "ce"
+    accepts_linear_logits = True
     description = "Plain next-token cross-entropy on the merged logits (the router, if any, is not supervised)."
 
     def formula(self) -> str:
@@ -42,6 +43,7 @@ class _Blend(Objective):
 
     needs_router = True
     needs_sidecar = True
+    accepts_linear_logits = True
 
     def divergence(self, batch: ObjectiveBatch) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

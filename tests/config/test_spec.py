@@ -63,6 +63,17 @@ def test_kl_without_router_is_an_error():
     assert any("router = true" in msg for _, msg in problems_of(raw))
 
 
+@pytest.mark.parametrize("similarity", ["auto", "float32", "bf16-rerank"])
+def test_similarity_is_a_model_key_refused_under_upstream_numerics(similarity):
+    raw = copy.deepcopy(RAW)
+    raw.setdefault("model", {})["similarity"] = similarity
+    assert spec_from_dict(raw, registry=REGISTRY).model.similarity == similarity
+    raw["numerics"] = "upstream"
+    assert any("model.similarity" in msg and "upstream" in msg for _, msg in problems_of(raw))
+    del raw["model"]["similarity"]
+    assert spec_from_dict(raw, registry=REGISTRY).model.similarity == "auto"
+
+
 def test_duplicate_cells_and_unknown_threshold_metric():
     raw = copy.deepcopy(RAW)
     raw["cells"][1]["name"] = "router_off_real"

@@ -246,6 +246,20 @@ def test_bf16_rerank_equals_float32_indices_and_W_r_gradients_when_scores_are_se
     torch.testing.assert_close(grads[1], grads[0])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_auto_similarity_is_bf16_rerank_on_cuda_and_float32_elsewhere(device):
+    g = torch.Generator().manual_seed(5)
+    h, table = torch.randn(2, 64, D, generator=g).to(device), torch.randn(300, E, generator=g).to(device)
+    picked = {}
+    for mode in ("auto", "float32", "bf16-rerank"):
+        torch.manual_seed(0)
+        xa = EngramCrossAttention(D, E, HEADS, 4, similarity=mode).to(device)
+        picked[mode] = xa.retrieve(h, table)
+    expected = picked["bf16-rerank" if device == "cuda" else "float32"]
+    for got, want in zip(picked["auto"], expected):
+        assert torch.equal(got, want)
+
+
 def test_unknown_similarity_is_an_input_error():
     with pytest.raises(InputError, match="'float32'.*'bf16-rerank'.*'autocast'"):
         EngramCrossAttention(D, E, HEADS, similarity="bf16")

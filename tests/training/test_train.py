@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ablate.model.logits import as_tensor
 from ablate.api.components import ObjectiveContext
 from ablate.errors import InputError, NumericalFault
 from ablate.oracle.hashing import RowContract, canonical_rows
@@ -549,7 +550,7 @@ def test_step_zero_evaluation_is_the_untrained_backbone_on_the_final_windows():
     assert out.evals[0]["val_loss"] == pytest.approx(untrained, rel=1e-5)
     student.eval()
     with torch.no_grad():
-        trained = ce64(lambda x: student(x, aux=False).logits, second)
+        trained = ce64(lambda x: as_tensor(student(x, aux=False).logits), second)
     assert out.final_val_loss == pytest.approx(trained, rel=1e-5)
 
 
