@@ -42,6 +42,14 @@ HOST_BASELINE_BYTES = 1.0 * GIB  # Python, torch and its libraries (not calibrat
 CELL_LOGITS = 3
 CELL_ROUTER_LOGITS = 4
 CELL_EAGER_LOGITS = 4
+# With the fused loss head (CUDA, numerics "ablate": Student.uses_fused_head) no [B·T, V] tensor
+# exists; the loss works on chunks of LOSS_CHUNK positions. Float32 [LOSS_CHUNK, V]-sized tensors a
+# step holds at its peak (the chunk's logits, its gradient, the loss pass's temporaries; the router
+# adds its own chunk and the sidecar rows'), calibrated on an H200 (2026-11-29, reference
+# dimensions; docs/performance.md). Eager execution keeps the CELL_EAGER_LOGITS extra as before.
+LOSS_CHUNK = 2048
+HEAD_CHUNKS = 3.4
+HEAD_ROUTER_CHUNKS = 2.4
 # activations saved per position per backbone layer behind the first injection, in units of
 # (hidden_dim + ffn_dim) values of the autocast dtype (router-off compiled cell: 2.67 GiB)
 CELL_ACTIVATION_WIDTHS = 7
@@ -422,13 +430,10 @@ def _cells(spec, device_type, student: StudentShape, V: int, registry, bf16: boo
     out = {}
     for cell in spec.cells:
         s = StageMemory(f"cells ({cell.name})" if len(spec.cells) > 1 else "cells", device_type)
-        n_logits = CELL_LOGITS + (CELL_ROUTER_LOGITS if cell.router else 0) + (CELL_EAGER_LOGITS if eager else 0)
         s.device += [Term("frozen backbone (float32) and oracle table", 4 * (student.backbone_params + student.buffers),
                           "oracle.rows", "backbone, table"),
                      Term("adapters, gradients, optimiser state", 16 * student.adapters[cell.router], "", "adapters + optimiser"),
-                     Term(f"logits [{t.batch}·{t.seq_len}, {V:,}] ×{n_logits} ({8 * ab}-bit"
-                          + (", eager" if eager else "") + ")", n_logits * P * V * ab, "train.batch",
-                          f"logits ×{n_logits}"),
+                     *_logit_terms(spec, device_type, cell.router, eager, P, V, ab),
                      Term("backbone activations behind the first injection", P * grad_layers * CELL_ACTIVATION_WIDTHS
                           * (spec.backbone.hidden_dim + spec.backbone.ffn_dim) * ab, "train.seq_len",
                           "activations")]
@@ -436,6 +441,24 @@ def _cells(spec, device_type, student: StudentShape, V: int, registry, bf16: boo
             s.device.append(Term(f"sidecar on the device [{o.rows:,} × {V:,}]", sidecar, "oracle.rows", "sidecar"))
         out[cell.name] = s
     return out
+
+
+def _logit_terms(spec, device_type: str, router: bool, eager: bool, P: int, V: int, ab: int) -> list[Term]:
+    """A training step's logit-sized working memory: whole [B·T, V] logits, or with the fused loss head
+    (CUDA under numerics "ablate") float32 chunks of LOSS_CHUNK positions; eager execution's extra."""
+    terms = []
+    if device_type == "cuda" and spec.numerics == "ablate":
+        n = HEAD_CHUNKS + (HEAD_ROUTER_CHUNKS if router else 0)
+        c = min(LOSS_CHUNK, P)
+        terms.append(Term(f"fused loss head: [{c:,}, {V:,}] float32 chunks ×{n:g}", n * c * V * 4, "",
+                          f"loss chunks ×{n:g}"))
+    else:
+        n = CELL_LOGITS + (CELL_ROUTER_LOGITS if router else 0)
+        terms.append(Term(f"logits [{P:,}, {V:,}] ×{n} ({8 * ab}-bit)", n * P * V * ab, "train.batch", f"logits ×{n}"))
+    if eager:
+        terms.append(Term(f"eager execution's intermediates ([{P:,}, {V:,}] {8 * ab}-bit ×{CELL_EAGER_LOGITS})",
+                          CELL_EAGER_LOGITS * P * V * ab, "train.compile", "eager extra"))
+    return terms
 
 
 def fused_groups(spec) -> list[list]:
