@@ -530,10 +530,11 @@ def render_table(result: dict) -> Table:
         table.add_row("teacher forward alone", "", _fmt(q["teacher_forward_tokens_per_s"], ",.0f"),
                       "", "", "")
     est = result["full_matrix_estimate"]
-    table.add_row("cold start (compilation, warm-up)", "", "", "", "",
-                  f"router on {cells['loss_check']['first_call_s'] + a['warmup_s']:.1f} s, router off "
-                  f"{o['warmup_s']:.1f} s, evaluation {cells['eval_warmup_s']:.1f} s: "
-                  f"{est['compile_seconds']:.1f} s of the matrix")
+    if "compile_seconds" in est:  # results written before the cold-start row lack it
+        table.add_row("cold start (compilation, warm-up)", "", "", "", "",
+                      f"router on {cells['loss_check']['first_call_s'] + a['warmup_s']:.1f} s, router off "
+                      f"{o['warmup_s']:.1f} s, evaluation {cells['eval_warmup_s']:.1f} s: "
+                      f"{est['compile_seconds']:.1f} s of the matrix")
     table.caption = (f"loss check: ablate {cells['loss_check']['ablate_loss']:.5f} vs naive "
                      f"{cells['loss_check']['naive_loss']:.5f} "
                      f"({'ok' if cells['loss_check']['ok'] else 'MISMATCH'}); ZEB-139 full matrix "
