@@ -33,8 +33,12 @@ class LinearLogits:
 
     def materialize(self) -> torch.Tensor:
         """The whole product [..., V] in the inputs' dtype."""
-        return F.linear(self.inputs, self.weight.to(self.inputs.dtype))
+        return _product(self.inputs, self.weight)
 
+
+def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., d] · weightᵀ [d, V] in x's dtype."""
+    return F.linear(x, weight.to(x.dtype))
 
 
 Logits = torch.Tensor | LinearLogits  # [B, T, V], whole or as a product
@@ -44,8 +48,7 @@ def logit_rows(logits: Logits, start: int, stop: int) -> torch.Tensor:
     """Positions start..stop of the flattened logits: [stop − start, V], formed from the factors
     (in the inputs' dtype) when they are a LinearLogits."""
     if isinstance(logits, LinearLogits):
-        x = logits.inputs.reshape(-1, logits.inputs.shape[-1])[start:stop]
-        return F.linear(x, logits.weight.to(x.dtype))
+        return _product(logits.inputs.reshape(-1, logits.inputs.shape[-1])[start:stop], logits.weight)
     return logits.reshape(-1, logits.shape[-1])[start:stop]
 
 

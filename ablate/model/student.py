@@ -89,7 +89,7 @@ class LayerTrace:
 
 @dataclass
 class StudentOutput:
-    logits: Logits  # [B, T, V] z_LM + z_r (a LinearLogits under numerics "ablate", see Student.head)
+    logits: Logits  # [B, T, V] z_LM + z_r (a LinearLogits with the fused loss head, see Student.head)
     router_logits: Logits | None = None  # [B, T, V] z_r
     vc: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → V-contrast (aux=True)
     qd: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → Q-diversity (aux=True)

@@ -138,24 +138,24 @@ class _ChunkedLoss(torch.autograd.Function):
     same pass as the value and kept (logits' dtype; the weight's, for the weight); backward only
     scales it by the upstream gradient, in place. The logits are not saved.
 
-    apply(logits [P, V] or x [P, d], weight [V, d] or None, chunk, per_chunk, scale) → the float32
-    sum times `scale`.
+    apply(logits [P, V] or x [P, d], weight [V, d] or None, chunk, per_chunk, divisor) → the float32
+    sum divided by `divisor` (P for a mean, 1 for a sum).
     """
 
     @staticmethod
-    def forward(ctx, logits, weight, chunk: int, per_chunk: Callable, scale: float):
+    def forward(ctx, logits, weight, chunk: int, per_chunk: Callable, divisor: int):
         with torch.autocast(logits.device.type, enabled=False):
             total, grad_x, grad_w = _chunked_sum(logits, weight, chunk, ctx.needs_input_grad[0],
                                                  ctx.needs_input_grad[1], per_chunk)
         ctx.save_for_backward(grad_x, grad_w)
-        ctx.scale = scale
-        return (total * scale).float()
+        ctx.divisor = divisor
+        return (total / divisor).float()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total):
         grad_x, grad_w = ctx.saved_tensors
-        factor = grad_total * ctx.scale
+        factor = grad_total / ctx.divisor
         for grad in (grad_x, grad_w):
             if grad is not None:
                 _scale_fast(grad, factor)
@@ -195,7 +195,7 @@ def _row_divergence(z_r, sidecar, rows, weights, kind: str, temperature: float, 
         div = _divergence_chunk_fast(z, sidecar, flat_rows[part], w[part], kind, temperature, grad_out)
         return (div * w[part]).sum(dtype=torch.float64)
 
-    total = _ChunkedLoss.apply(*_factors(z_r), int(chunk), per_chunk, 1.0)
+    total = _ChunkedLoss.apply(*_factors(z_r), int(chunk), per_chunk, 1)
     return total, w.sum(dtype=torch.float64).float()
 
 
@@ -262,4 +262,4 @@ def cross_entropy(logits: Logits, targets: torch.Tensor, chunk: int = 2048) -> t
     def per_chunk(z: torch.Tensor, part: slice, grad_out: torch.Tensor | None) -> torch.Tensor:
         return _cross_entropy_chunk_fast(z, flat_targets[part], grad_out).sum(dtype=torch.float64)
 
-    return _ChunkedLoss.apply(*_factors(logits), int(chunk), per_chunk, 1.0 / flat_targets.numel())
+    return _ChunkedLoss.apply(*_factors(logits), int(chunk), per_chunk, flat_targets.numel())
