@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ablate.errors import InputError
 from ablate.model.backbone import RMSNorm
+from ablate.model.search import top_indices
 
 
 @dataclass
@@ -99,8 +100,8 @@ class EngramCrossAttention(nn.Module):
 
         "float32" (exact): top-k of the float32 [B, T, N] cosines. "bf16-rerank": unit r and
         rows rounded to bfloat16, their [B, T, N] scores (float32 output through torch.mm's
-        out_dtype on CUDA, bfloat16 elsewhere), the top-k' candidates, k' = min(N, k + max(k, 8)),
-        then the top-k of those by float32 cosine, sorted descending.
+        out_dtype on CUDA, bfloat16 elsewhere), the top-k' candidates (ablate.model.search.top_indices),
+        k' = min(N, k + max(k, 8)), then the top-k of those by float32 cosine, sorted descending.
 
         Bound: rounding to bf16 (8 significant bits) costs each element a relative u = 2⁻⁸, so
         for unit vectors (Cauchy–Schwarz) |bf16 score − exact| ≤ δ = 2u + u² ≈ 2⁻⁷, plus the
@@ -133,7 +134,7 @@ class EngramCrossAttention(nn.Module):
                                           out_dtype=torch.float32).reshape(*r.shape[:-1], N)
                     else:
                         scores = r16 @ rows16.T
-                    cand = scores.topk(min(N, self.top_k + max(self.top_k, 8)), dim=-1).indices
+                    cand = top_indices(scores, min(N, self.top_k + max(self.top_k, 8)))
                     exact = (r.unsqueeze(-2) * rows[cand]).sum(dim=-1)  # [B, T, k']
                     indices = cand.gather(-1, exact.topk(self.top_k, dim=-1).indices)
                 else:
