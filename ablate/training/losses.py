@@ -22,6 +22,7 @@ Divergences return (Σ_p w_p·D_p, Σ_p w_p) over unmasked positions; `masked_me
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Literal
 
 import torch
@@ -72,20 +73,51 @@ _DIVERGENCES: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tenso
 
 def _divergence_chunk(z: torch.Tensor, sidecar: torch.Tensor, rows: torch.Tensor,
                       weights: torch.Tensor, kind: str, temperature: float,
-                      grad_out: torch.Tensor | None) -> torch.Tensor:
+                      grad_out: torch.Tensor | None, teacher_lse: torch.Tensor | None) -> torch.Tensor:
     """One chunk: z [c, V] (any float dtype), rows [c], weights [c] float32 → D per row [c]
-    float32; with grad_out [c, V] (z's dtype) given, w·∂D/∂z is written into it.
+    float32; with grad_out [c, V] (z's dtype) given, w·∂D/∂z is written into it. teacher_lse:
+    None, or [N] float32 log Σ_v exp(sidecar[n, v]/T) of every sidecar row (`row_logsumexp`),
+    which spares the chunk the two reductions over its teacher rows.
 
     Runs as one compiled graph on CUDA (see ablate.training.fastpath): the sidecar gather, both log
     softmaxes and the gradient fuse and the gradient is stored straight into grad_out, so no
     float32 [c, V] intermediate reaches memory there.
     """
     log_r = torch.log_softmax(z.float() / temperature, dim=-1)
-    log_t = torch.log_softmax(sidecar[rows.clamp(min=0)].float() / temperature, dim=-1)
+    teacher = sidecar[rows.clamp(min=0)].float() / temperature
+    log_t = (torch.log_softmax(teacher, dim=-1) if teacher_lse is None
+             else teacher - teacher_lse[rows.clamp(min=0)][:, None])
     div, grad = _DIVERGENCES[kind](log_r, log_t)
     if grad_out is not None:
         grad_out.copy_(grad * (weights / temperature)[:, None])
     return div
+
+
+# Devices on which the teacher rows' log-normalisers are computed once per sidecar and temperature
+# instead of in every chunk (the chunk kernel then reads its teacher rows two times fewer: 0.43 →
+# 0.30 ms per 2,048 × 32,000 chunk on an H200). The CPU keeps the in-chunk reduction, so CPU runs
+# round as before; the tests switch the precomputed form on for the CPU as well.
+PRECOMPUTED_LSE_DEVICES = ("cuda",)
+_ROW_LSE_ROWS = 1024  # sidecar rows per pass of row_logsumexp: a [1024, V] float32 temporary
+_row_lse_cache: dict[tuple[int, float], tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def row_logsumexp(sidecar: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[N] float32 log Σ_v exp(sidecar[n, v] / temperature) for sidecar [N, V], in passes of
+    1,024 rows. Kept for the sidecar object and temperature while the sidecar is alive and not
+    modified in place (its version counter), so a cell computes it once."""
+    key = (id(sidecar), float(temperature))
+    hit = _row_lse_cache.get(key)
+    if hit is not None and hit[0]() is sidecar and hit[1] == sidecar._version:
+        return hit[2]
+    with torch.no_grad():
+        data = sidecar.detach()
+        lse = torch.cat([torch.logsumexp(data[i:i + _ROW_LSE_ROWS].float() / temperature, dim=-1)
+                         for i in range(0, data.shape[0], _ROW_LSE_ROWS)])
+    for stale in [k for k, (ref, _, _) in _row_lse_cache.items() if ref() is None]:
+        del _row_lse_cache[stale]
+    _row_lse_cache[key] = (weakref.ref(sidecar), sidecar._version, lse)
+    return lse
 
 
 def _scale(grad: torch.Tensor, factor: torch.Tensor) -> None:
@@ -189,10 +221,12 @@ def _row_divergence(z_r, sidecar, rows, weights, kind: str, temperature: float, 
     flat_rows = rows.reshape(-1)
     valid = (flat_rows >= 0).float()
     w = valid if weights is None else weights.reshape(-1).float() * valid
-    sidecar, w, temperature = sidecar.detach(), w.detach(), float(temperature)
+    temperature = float(temperature)
+    lse = row_logsumexp(sidecar, temperature) if sidecar.device.type in PRECOMPUTED_LSE_DEVICES else None
+    sidecar, w = sidecar.detach(), w.detach()
 
     def per_chunk(z: torch.Tensor, part: slice, grad_out: torch.Tensor | None) -> torch.Tensor:
-        div = _divergence_chunk_fast(z, sidecar, flat_rows[part], w[part], kind, temperature, grad_out)
+        div = _divergence_chunk_fast(z, sidecar, flat_rows[part], w[part], kind, temperature, grad_out, lse)
         return (div * w[part]).sum(dtype=torch.float64)
 
     total = _ChunkedLoss.apply(*_factors(z_r), int(chunk), per_chunk, 1)

@@ -1,5 +1,6 @@
 """ablate.training.losses against float64 formulas written out independently here (numpy explicit sums)."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -72,6 +73,21 @@ def torch64_total(z64, sidecar, rows, kind, temperature=1.0, weights=None):
     return (d * w).sum()
 
 
+@contextlib.contextmanager
+def teacher_lse(mode: str):
+    """mode "precomputed": the teacher rows' log-normalisers come from losses.row_logsumexp (the
+    CUDA form) on the CPU as well; "in_chunk": each chunk reduces its teacher rows (the CPU's)."""
+    saved = losses.PRECOMPUTED_LSE_DEVICES
+    losses.PRECOMPUTED_LSE_DEVICES = ("cpu", "cuda") if mode == "precomputed" else ()
+    try:
+        yield
+    finally:
+        losses.PRECOMPUTED_LSE_DEVICES = saved
+
+
+LSE_MODES = ["in_chunk", "precomputed"]
+
+
 def divergence(kind, z, sidecar, rows, **kw):
     if kind == "jsd":
         return losses.jsd_rows(z, sidecar, rows, **kw)
@@ -94,10 +110,11 @@ def problems(draw):
 
 
 @SETTINGS
-@given(problems(), st.sampled_from(KINDS), st.floats(0.25, 4.0))
-def test_each_divergence_equals_its_formula(problem, kind, temperature):
+@given(problems(), st.sampled_from(KINDS), st.floats(0.25, 4.0), st.sampled_from(LSE_MODES))
+def test_each_divergence_equals_its_formula(problem, kind, temperature, lse_mode):
     z, sidecar, rows = problem
-    total, weight = divergence(kind, z, sidecar, rows, temperature=temperature)
+    with teacher_lse(lse_mode):
+        total, weight = divergence(kind, z, sidecar, rows, temperature=temperature)
     ref_total, ref_weight = np_total(z, sidecar, rows, kind, temperature)
     assert total.dtype == torch.float32
     assert total.item() == pytest.approx(ref_total, rel=1e-4, abs=1e-5)
@@ -177,14 +194,15 @@ def test_per_token_mean_is_invariant_to_batch_duplication_and_sequence_repetitio
 
 
 @SETTINGS
-@given(problems(), st.sampled_from(KINDS))
-def test_masked_positions_contribute_nothing(problem, kind):
+@given(problems(), st.sampled_from(KINDS), st.sampled_from(LSE_MODES))
+def test_masked_positions_contribute_nothing(problem, kind, lse_mode):
     z, sidecar, rows = problem
     masked = (rows < 0)[..., None]
     z = z.clone().requires_grad_()
     noisy = (z.detach() + masked * torch.randn(z.shape) * 100).requires_grad_()
-    total, weight = divergence(kind, z, sidecar, rows)
-    total_noisy, _ = divergence(kind, noisy, sidecar, rows)
+    with teacher_lse(lse_mode):
+        total, weight = divergence(kind, z, sidecar, rows)
+        total_noisy, _ = divergence(kind, noisy, sidecar, rows)
     assert torch.equal(total, total_noisy)
     (grad,) = torch.autograd.grad(total, z)
     assert torch.all(grad[rows < 0] == 0)
@@ -193,13 +211,14 @@ def test_masked_positions_contribute_nothing(problem, kind):
 
 
 @SETTINGS
-@given(problems(), st.sampled_from(KINDS), st.floats(0.5, 3.0), st.floats(-2.0, 2.0))
-def test_gradient_matches_float64_autograd(problem, kind, temperature, upstream):
+@given(problems(), st.sampled_from(KINDS), st.floats(0.5, 3.0), st.floats(-2.0, 2.0), st.sampled_from(LSE_MODES))
+def test_gradient_matches_float64_autograd(problem, kind, temperature, upstream, lse_mode):
     z, sidecar, rows = problem
     w = torch.rand(rows.shape, generator=torch.Generator().manual_seed(2))
     z = z.requires_grad_()
     sidecar = sidecar.requires_grad_()  # data: must receive no gradient
-    total, _ = divergence(kind, z, sidecar, rows, weights=w, temperature=temperature, chunk=4)
+    with teacher_lse(lse_mode):
+        total, _ = divergence(kind, z, sidecar, rows, weights=w, temperature=temperature, chunk=4)
     (total * upstream).backward()
     z64 = z.detach().double().requires_grad_()
     (torch64_total(z64, sidecar.detach(), rows, kind, temperature, w) * upstream).backward()
@@ -311,3 +330,21 @@ def test_cross_entropy_bf16():
     assert ce.item() == pytest.approx(ref.item(), rel=1e-5)
     ce.backward()
     assert z.grad.dtype == torch.bfloat16
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 2500), st.integers(1, 40), st.floats(0.25, 4.0), st.integers(0, 2**31 - 1))
+def test_row_logsumexp_equals_float64_and_is_kept_until_the_sidecar_changes(N, V, temperature, seed):
+    """In passes of 1,024 rows, equal to float64's per-row logsumexp; the same tensor for the same
+    sidecar and temperature; recomputed after an in-place change or for another temperature."""
+    sidecar = torch.randn(N, V, generator=torch.Generator().manual_seed(seed)) * 4
+    lse = losses.row_logsumexp(sidecar, temperature)
+    want = torch.logsumexp(sidecar.double() / temperature, dim=-1)
+    torch.testing.assert_close(lse.double(), want, rtol=1e-6, atol=1e-5)
+    assert losses.row_logsumexp(sidecar, temperature) is lse
+    assert losses.row_logsumexp(sidecar, temperature * 2) is not lse
+    sidecar[N // 2].add_(10.0)
+    changed = losses.row_logsumexp(sidecar, temperature)
+    torch.testing.assert_close(changed.double(), torch.logsumexp(sidecar.double() / temperature, dim=-1),
+                               rtol=1e-6, atol=1e-5)
+    assert losses.row_logsumexp(sidecar.clone(), temperature) is not changed  # another tensor: computed anew
