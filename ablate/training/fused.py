@@ -32,6 +32,7 @@ import torch
 
 from ablate.errors import InputError, NumericalFault, PluginFault
 from ablate.model.fused import fused_forward_compiled
+from ablate.training.optim import CellOptimizer
 from ablate.training.train import CellRun, TrainConfig, TrainOutcome, evaluate_many
 
 _SCHEDULE = ("steps", "batch", "seq_len", "eval_every", "eval_batches", "log_every", "checkpoint_every",
@@ -126,7 +127,8 @@ def guarded(m: Member, action: Callable[[], Any], device: torch.device) -> Any:
 
 def group_step(active: list[Member], s: int, device: torch.device) -> list[dict | None]:
     """Training step s of every active member: one fused forward, each member's losses, one
-    backward, each member's update. Returns each member's logged row (None off log steps or when
+    backward, each member's clipping, then the members' updates together (one Newton–Schulz per
+    shape group for all their Muon matrices). Returns each member's logged row (None off log steps or when
     the member failed: m.error is set)."""
     lead = active[0].run
     log_step = lead.is_log_step(s)
@@ -143,13 +145,14 @@ def group_step(active: list[Member], s: int, device: torch.device) -> list[dict 
     losses = [step.loss for step in steps if step is not None]
     if losses:
         torch.stack(losses).sum().backward()
-    rows = []
-    for m, step in zip(active, steps):
-        if step is None:
-            rows.append(None)
-            continue
-        rows.append(guarded(m, lambda m=m, step=step: m.run.record_step(s, m.run.finish_step(s, step)), device))
-    return rows
+    logs = [None if step is None else guarded(m, lambda m=m, step=step: m.run.finish_step(s, step, update=False), device)
+            for m, step in zip(active, steps)]
+    updating = [m.run.optimizer for m, log in zip(active, logs) if log is not None]
+    CellOptimizer.step_together(updating)  # one Newton–Schulz per shape group for the whole group
+    for optimizer in updating:
+        optimizer.zero_grad(set_to_none=True)
+    return [None if log is None else guarded(m, lambda m=m, log=log: m.run.record_step(s, log), device)
+            for m, log in zip(active, logs)]
 
 
 def train_fused(members: list[Member], device: torch.device | str, *,

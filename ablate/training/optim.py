@@ -147,7 +147,6 @@ class BatchedMuon(torch.optim.Optimizer):
         self.numerics = numerics
         # read from here, not from the groups: a state saved by ReferenceMuon brings groups without it
         self.eps = defaults["eps"]
-        self._scales: dict[tuple, torch.Tensor] = {}  # group key → [G, 1, 1] √max(1, rows/cols)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -163,49 +162,75 @@ class BatchedMuon(torch.optim.Optimizer):
             groups.setdefault((p.device, p.dtype, min(rows, cols), max(rows, cols)), []).append(p)
         return groups
 
-    def _scale(self, key: tuple, params: list[nn.Parameter]) -> torch.Tensor:
-        """[G, 1, 1] float32 √max(1, rows/cols) per matrix (the lr adjustment), cached per group."""
-        shapes = tuple(tuple(p.shape) for p in params)
-        cached = self._scales.get((key, shapes))
-        if cached is None:
-            cached = torch.tensor([math.sqrt(max(1.0, r / c)) for r, c in shapes], dtype=torch.float32,
-                                  device=params[0].device).view(-1, 1, 1)
-            self._scales[(key, shapes)] = cached
-        return cached
+    def _buffer(self, p: nn.Parameter) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = (torch.zeros_like(p, dtype=torch.float32) if self.numerics == "upstream"
+                                        else torch.zeros_like(p.grad, memory_format=torch.preserve_format))
+        return state["momentum_buffer"]
 
     @torch.no_grad()
     def step(self, closure=None):
-        upstream = self.numerics == "upstream"
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            momentum = group["momentum"]
-            buffers = []
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = (torch.zeros_like(p, dtype=torch.float32) if upstream
-                                                else torch.zeros_like(p.grad, memory_format=torch.preserve_format))
-                buffers.append(state["momentum_buffer"])
-            grads = [p.grad for p in params]
-            if upstream:  # buffer ← momentum·buffer + grad, in float32
-                torch._foreach_mul_(buffers, momentum)
-                torch._foreach_add_(buffers, [g.float() for g in grads])
-            else:  # torch.optim.Muon's EMA: buffer ← buffer + (1 − momentum)·(grad − buffer)
-                torch._foreach_lerp_(buffers, grads, 1 - momentum)
-            index = {id(p): i for i, p in enumerate(params)}
-            for key, members in self.shape_groups(params).items():
-                stack = torch.stack([buffers[index[id(p)]].mT if p.shape[0] > p.shape[1] else buffers[index[id(p)]]
+        BatchedMuon.step_together([self])
+
+    @staticmethod
+    @torch.no_grad()
+    def step_together(optimizers: list[BatchedMuon]) -> None:
+        """The step of every optimiser in `optimizers` (a fused group's cells, or one), with one
+        Newton–Schulz per shape group across all of them: each matrix's update is the one its own
+        optimiser's step computes (the same momentum, iterations, scale and learning rate)."""
+        kinds: dict[tuple[str, float], list[BatchedMuon]] = {}
+        for opt in optimizers:
+            kinds.setdefault((opt.numerics, opt.eps), []).append(opt)
+        for (numerics, eps), opts in kinds.items():
+            upstream = numerics == "upstream"
+            entries: list[tuple[nn.Parameter, torch.Tensor, float]] = []  # (param, momentum buffer, lr)
+            by_momentum: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+            for opt in opts:
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        if p.grad is None:
+                            continue
+                        buffer = opt._buffer(p)
+                        buffers, grads = by_momentum.setdefault(group["momentum"], ([], []))
+                        buffers.append(buffer)
+                        grads.append(p.grad)
+                        entries.append((p, buffer, group["lr"]))
+            for momentum, (buffers, grads) in by_momentum.items():
+                if upstream:  # buffer ← momentum·buffer + grad, in float32
+                    torch._foreach_mul_(buffers, momentum)
+                    torch._foreach_add_(buffers, [g.float() for g in grads])
+                else:  # torch.optim.Muon's EMA: buffer ← buffer + (1 − momentum)·(grad − buffer)
+                    torch._foreach_lerp_(buffers, grads, 1 - momentum)
+            buffer_of = {id(p): (buffer, lr) for p, buffer, lr in entries}
+            for members in BatchedMuon.shape_groups([p for p, _, _ in entries]).values():
+                stack = torch.stack([buffer_of[id(p)][0].mT if p.shape[0] > p.shape[1] else buffer_of[id(p)][0]
                                      for p in members])
                 stack = stack.float() if upstream else stack.bfloat16()
-                ortho = newton_schulz_batched(stack, MUON_NS_STEPS, self.eps, clamp=not upstream)
+                ortho = newton_schulz_batched(stack, MUON_NS_STEPS, eps, clamp=not upstream)
                 # × √max(1, rows/cols), in float32 (bf16 × float32 promotes; exact for the factors 1
-                # and 2 of the engram weights), then p ← p − lr·update for the whole group at once
-                ortho = ortho * self._scale(key, members)
-                updates = [(u.mT if p.shape[0] > p.shape[1] else u).to(p.dtype)
-                           for p, u in zip(members, ortho.unbind(0))]
-                torch._foreach_add_(members, updates, alpha=-group["lr"])
+                # and 2 of the engram weights), then p ← p − lr·update, one call per learning rate
+                ortho = ortho * _lr_scales(tuple(tuple(p.shape) for p in members), members[0].device)
+                by_lr: dict[float, tuple[list[nn.Parameter], list[torch.Tensor]]] = {}
+                for p, u in zip(members, ortho.unbind(0)):
+                    params, updates = by_lr.setdefault(buffer_of[id(p)][1], ([], []))
+                    params.append(p)
+                    updates.append((u.mT if p.shape[0] > p.shape[1] else u).to(p.dtype))
+                for lr, (params, updates) in by_lr.items():
+                    torch._foreach_add_(params, updates, alpha=-lr)
+
+
+_scales_cache: dict[tuple, torch.Tensor] = {}
+
+
+def _lr_scales(shapes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """[G, 1, 1] float32 √max(1, rows/cols) per matrix shape (Muon's lr adjustment), cached."""
+    cached = _scales_cache.get((shapes, device))
+    if cached is None:
+        cached = torch.tensor([math.sqrt(max(1.0, r / c)) for r, c in shapes], dtype=torch.float32,
+                              device=device).view(-1, 1, 1)
+        _scales_cache[(shapes, device)] = cached
+    return cached
 
 
 class CellOptimizer:
@@ -254,6 +279,17 @@ class CellOptimizer:
     def step(self) -> None:
         for opt in self._optimizers:
             opt.step()
+
+    @staticmethod
+    def step_together(optimizers: list[CellOptimizer]) -> None:
+        """Every optimiser's step, the batched Muon matrices of all of them in one Newton–Schulz
+        per shape group (BatchedMuon.step_together); each parameter's update is its own step's."""
+        batched = [o.muon for o in optimizers if isinstance(o.muon, BatchedMuon)]
+        BatchedMuon.step_together(batched)
+        for o in optimizers:
+            for opt in o._optimizers:
+                if not isinstance(opt, BatchedMuon):
+                    opt.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self._optimizers:

@@ -419,9 +419,10 @@ class CellRun:
         self.optimizer.set_lr(cfg.lr * wsd_multiplier(s, cfg.steps, cfg.warmup, cfg.decay_frac))
         return self.train_sampler() if draw else None
 
-    def finish_step(self, s: int, step: StepLosses) -> dict[str, torch.Tensor]:
+    def finish_step(self, s: int, step: StepLosses, update: bool = True) -> dict[str, torch.Tensor]:
         """After the backward pass of step s: the log tensors (0-d, on the device; in column
-        order) on log steps, {} otherwise; then clipping and the optimiser update."""
+        order) on log steps, {} otherwise; then clipping and, with `update`, the optimiser update
+        (a fused group updates its members together: CellOptimizer.step_together)."""
         cfg, log_step = self.cfg, self.is_log_step(s)
         with_grad = [p for p in self.params.values() if p.grad is not None]
         log: dict[str, torch.Tensor] = {}
@@ -433,8 +434,9 @@ class CellRun:
         loss = step.loss.detach()
         bad = torch.stack([~torch.isfinite(loss), ~torch.isfinite(grad_norm)])
         self.first_bad = torch.where(bad & (self.first_bad == _NEVER), s, self.first_bad)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if update:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if log_step:
             log["grad_norm"] = grad_norm
         return log

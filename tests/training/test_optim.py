@@ -346,3 +346,36 @@ def test_saved_states_move_between_batched_and_per_matrix(numerics):
     for first, then in ((False, True), (True, False)):
         for got, want, t in zip(run(first, then), reference, init):
             assert (got - want).norm() / (want - t.double()).norm() <= tol
+
+
+@settings(max_examples=20, deadline=None)
+@given(members=st.lists(st.lists(st.tuples(st.sampled_from(MATRIX_DIMS), st.sampled_from(MATRIX_DIMS)),
+                                 min_size=1, max_size=4), min_size=1, max_size=4),
+       numerics=st.sampled_from(["ablate", "upstream"]), seed=st.integers(0, 2**16))
+def test_optimisers_stepped_together_move_every_matrix_as_alone(members, numerics, seed):
+    """A fused group's optimisers (CellOptimizer.step_together: one Newton–Schulz per shape group
+    across members, each member with its own learning rate, an Adam group too) move every
+    parameter exactly as each optimiser's own step does: bitwise on the CPU, in float32 and bf16."""
+    gen = torch.Generator().manual_seed(seed)
+    inits = [[torch.randn(s, generator=gen) for s in shapes] + [torch.randn(3, generator=gen)] for shapes in members]
+    names = [[f"inj.{i}.W_q.weight" for i in range(len(shapes))] + ["gate.bias"] for shapes in members]
+
+    def build():
+        params = [[nn.Parameter(t.clone()) for t in init] for init in inits]
+        opts = [CellOptimizer(list(zip(n, ps)), lr=0.01 * (1 + i), numerics=numerics)
+                for i, (n, ps) in enumerate(zip(names, params))]
+        return params, opts
+
+    together, alone = build(), build()
+    for _ in range(3):
+        grads = [[torch.randn(t.shape, generator=gen) for t in init] for init in inits]
+        for (params, _), in [(together,), (alone,)]:
+            for ps, gs in zip(params, grads):
+                for p, g in zip(ps, gs):
+                    p.grad = g.clone()
+        CellOptimizer.step_together(together[1])
+        for opt in alone[1]:
+            opt.step()
+    for ps, qs in zip(together[0], alone[0]):
+        for p, q in zip(ps, qs):
+            assert torch.equal(p, q)
