@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from ablate.api import CellView, Metric, Probe, Trace, hookimpl
 
 ENTROPY_CLAMP = 1e-12  # P is clamped here inside the log (§7.1)
 COS_EPS = 1e-12
+POSITIONS_PER_PASS = 1024  # the probes' [positions, V] arithmetic runs this many positions at a time
 NOOP_RTOL = 1e-5  # retrieval-control: equal within this relative tolerance
 
 
@@ -40,16 +41,44 @@ def traced(view: CellView, i: int) -> Trace:
     return view.student.trace(view.inputs(i))
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine over the last dim, fp32; a zero vector gives 0. [..., n] × 2 → [...]."""
+def per_position(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """fn over chunks of POSITIONS_PER_PASS positions of tensors [..., n] (equal leading shapes),
+    its [chunk] results joined → [...]. fn reduces each position's last dim on its own, so the
+    result is fn's on the whole tensors; its float32 temporaries are [chunk, n], not [B·T, V]."""
+    flat = [t.reshape(-1, t.shape[-1]) for t in tensors]
+    parts = [fn(*(t[i:i + POSITIONS_PER_PASS] for t in flat)) for i in range(0, flat[0].shape[0], POSITIONS_PER_PASS)]
+    return torch.cat(parts).reshape(tensors[0].shape[:-1])
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.float(), b.float()
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(COS_EPS)
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """−Σ P log max(P, 1e-12) over the last dim, nats. [..., V] → [...]."""
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine over the last dim, fp32; a zero vector gives 0. [..., n] × 2 → [...]."""
+    return per_position(_cosine, a, b)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
     p = logits.float().softmax(dim=-1)
     return -(p * p.clamp_min(ENTROPY_CLAMP).log()).sum(-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """−Σ P log max(P, 1e-12) over the last dim, nats. [..., V] → [...]."""
+    return per_position(_entropy, logits)
+
+
+def teacher_match(z: torch.Tensor, sidecar: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """cos(softmax(z), softmax(sidecar[rows])) per position: z [..., V] logits, sidecar [N, V],
+    rows [...] (≥ 0) → [...]."""
+
+    def match(z_part: torch.Tensor, rows_part: torch.Tensor) -> torch.Tensor:
+        teacher = sidecar[rows_part[:, 0]].float().softmax(dim=-1)
+        return _cosine(z_part.float().softmax(dim=-1), teacher)
+
+    return per_position(match, z, rows.unsqueeze(-1))
 
 
 def mean(values: list[float]) -> float:
@@ -167,13 +196,12 @@ class RouterFingerprint(Probe):
                 z = res.router_logits.float()
                 ent.append(float(entropy(z).mean()))
                 a_unit = F.normalize(res.aligned.float(), dim=-1, eps=COS_EPS)
-                row_cos.append(float((a_unit @ E_unit.T).abs().amax(dim=-1).mean()))
+                row_cos.append(float(per_position(lambda a: (a @ E_unit.T).abs().amax(dim=-1), a_unit).mean()))
                 if view.sidecar is not None and i < len(view.teacher_rows):
                     rows = view.teacher_rows[i].to(z.device)
                     valid = rows >= 0
                     if valid.any():
-                        p_t = view.sidecar[rows[valid]].float().softmax(dim=-1)
-                        match.append(float(cosine(z[valid].softmax(dim=-1), p_t).mean()))
+                        match.append(float(teacher_match(z, view.sidecar, rows.clamp(min=0))[valid].mean()))
         if ent:
             out["engram_logit_entropy"] = mean(ent)
             out["max_lm_head_row_cos"] = mean(row_cos)
