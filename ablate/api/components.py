@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ablate.model.logits import Logits
+from ablate.model.logits import Logits, as_tensor
 
 
 class Params(BaseModel):
@@ -212,14 +212,39 @@ class InjectionTrace:
     attn: torch.Tensor  # [B, T, H, k] attention weights over the retrieved rows
 
 
-@dataclass
 class Trace:
-    """A traced forward of one batch of inputs [B, T]."""
+    """A traced forward of one batch of inputs [B, T].
 
-    logits: torch.Tensor  # [B, T, V] final logits z_LM + z_r
-    layers: dict[int, InjectionTrace]  # injection layer → its trace
-    router_logits: torch.Tensor | None = None  # [B, T, V] z_r = α·W_align(e)·Eᵀ; None without router
-    aligned: torch.Tensor | None = None  # [B, T, d] W_align(e), e = the last injection's output
+    layers: injection layer → its InjectionTrace; aligned: [B, T, d] W_align(e), e = the last
+    injection's output (None without router). `logits` [B, T, V] (final logits z_LM + z_r) and
+    `router_logits` [B, T, V] (z_r = α·W_align(e)·Eᵀ; None without router) are tensors when read;
+    a student with the fused loss head hands them over as factors (ablate.model.logits), formed on
+    first access, so a probe that never reads one costs no [B, T, V] tensor.
+    """
+
+    def __init__(self, logits: Logits, layers: dict[int, InjectionTrace], router_logits: Logits | None = None,
+                 aligned: torch.Tensor | None = None):
+        self._logits, self._router_logits = logits, router_logits
+        self.layers, self.aligned = layers, aligned
+
+    @property
+    def logits(self) -> torch.Tensor:
+        self._logits = _formed(self._logits)
+        return self._logits
+
+    @property
+    def router_logits(self) -> torch.Tensor | None:
+        if self._router_logits is not None:
+            self._router_logits = _formed(self._router_logits)
+        return self._router_logits
+
+
+def _formed(logits: Logits) -> torch.Tensor:
+    """The tensor, a factored one formed as the trace ran: no grad, autocast off (float32)."""
+    if isinstance(logits, torch.Tensor):
+        return logits
+    with torch.no_grad(), torch.autocast(device_type=logits.inputs.device.type, enabled=False):
+        return as_tensor(logits)
 
 
 @dataclass

@@ -276,8 +276,7 @@ class Student(nn.Module):
             out = self(tokens.to(self.table.device), trace=True)
         layers = {l: InjectionTrace(h_in=tr.h_in, inj=tr.inj, out=tr.xattn.out, indices=tr.xattn.indices,
                                     sims=tr.xattn.sims, attn=tr.xattn.attn) for l, tr in out.traces.items()}
-        router_logits = None if out.router_logits is None else as_tensor(out.router_logits)
-        return Trace(logits=as_tensor(out.logits), layers=layers, router_logits=router_logits, aligned=out.aligned)
+        return Trace(logits=out.logits, layers=layers, router_logits=out.router_logits, aligned=out.aligned)
 
     def inject(self, layer: int, h_in: torch.Tensor, table: torch.Tensor) -> InjectionTrace:
         """The injection of `layer` on h_in [B, T, d] against `table` [N', E] (moved to this device)."""

@@ -5,7 +5,7 @@ import re
 import torch
 from ablate.api.plugins import load_registry
 from ablate_builtins import probes as P
-from probe_fixtures import V, D, ROWS, E_DIM, K, LAYERS, GATES, LOG_ALPHA, SPECS, make_table, make_student, SIDECAR, view, outputs, cos64, close
+from probe_fixtures import BATCHES, V, D, ROWS, E_DIM, K, LAYERS, GATES, LOG_ALPHA, SPECS, make_table, make_student, SIDECAR, view, outputs, cos64, close
 
 
 def test_final_loss_last_eval_and_step0():
@@ -248,3 +248,29 @@ def test_probes_register_through_entry_points_and_declare_their_metrics():
         for key in out:
             assert any(p.match(key) for p in patterns), (name, key)
 
+
+
+def test_with_the_fused_head_traces_form_logits_on_reading_and_probes_read_the_same_numbers():
+    """A student with the fused loss head (CUDA's default; forced here) hands its trace the logits as
+    factors: no [B, T, V] tensor until a probe reads one, then float32 and equal to the whole
+    logits; the router fingerprint and cross-run probes read the same numbers either way."""
+    from ablate.model.logits import LinearLogits
+
+    whole, fused = make_student(make_table(0)), make_student(make_table(0))
+    fused.fused_head = True
+    tokens = BATCHES[0][:, :-1]
+    tr, tw = fused.trace(tokens), whole.trace(tokens)
+    assert isinstance(tr._logits, LinearLogits) and isinstance(tr._router_logits, LinearLogits)
+    for got, want in ((tr.logits, tw.logits), (tr.router_logits, tw.router_logits)):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert tr.logits is tr.logits  # formed once
+    probe = P.RouterFingerprint(P.RouterFingerprint.Params())
+    a, b = probe.run(view(fused)), probe.run(view(whole))
+    assert a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    other_fused, other_whole = make_student(make_table(1), seed=1), make_student(make_table(1), seed=1)
+    other_fused.fused_head = True
+    cross = P.CrossRun(P.CrossRun.Params())
+    a = cross.run(view(fused, "real"), view(other_fused, "shuf"))
+    b = cross.run(view(whole, "real"), view(other_whole, "shuf"))
+    assert a.keys() == b.keys() and "cross_run_cos" in a and all(close(a[k], b[k]) for k in a)
