@@ -211,12 +211,12 @@ class TrainSpec(Strict):
     # torch.compile of the cells' hot paths on CUDA: "auto" compiles when the run's cells train at
     # least COMPILE_MIN_STEPS steps together (compiling costs minutes once; docs/performance.md)
     compile: Literal["auto", "on", "off"] = "auto"
-    # fused cells (ablate.training.fused): "auto" trains cells on the same backbone, oracle and
-    # training windows (same seed) as one group in the local executor, one forward (the frozen layers
-    # batched over the cells) and one backward per step; every cell's numbers equal its separate
-    # run's (bitwise on the CPU). "off" (the default until the GPU gain and the group's memory are
-    # measured and planned for, docs/performance.md): one cell after the other
-    fuse: Literal["auto", "off"] = "off"
+    # fused cells (ablate.training.fused): cells on the same backbone, oracle and training windows
+    # (same seed) train as one group in the local executor, one forward (the frozen layers once) and
+    # one backward per step; every cell's numbers equal its separate run's (bitwise on the CPU).
+    # "auto" fuses where it pays: on CUDA with the cells compiled (ablate.training.cells.fuses);
+    # "on" wherever cells share their windows, the CPU and eager cells too; "off": one by one
+    fuse: Literal["auto", "on", "off"] = "auto"
 
 
 class PluginTables(Strict):

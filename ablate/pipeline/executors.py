@@ -36,11 +36,11 @@ class LocalExecutor(Executor):
     """One job after another in this process, on `device`; stops at the first interrupt."""
 
     name = "local"
-    description = ("cells one after another in this process (the default); with train.fuse = \"auto\" cells "
-                   "that share backbone, oracle and data train as fused groups")
+    description = ("cells one after another in this process (the default); cells that share backbone, "
+                   "oracle and data train as fused groups where train.fuse says so (\"auto\": compiled, on CUDA)")
 
     def run(self, jobs: list[CellJob], device: torch.device, stop, registry, ui) -> dict[str, dict]:
-        if any(cellmod.fuses(job.spec) for job in jobs):  # fusable cells as groups (pipeline/fused_job.py)
+        if any(cellmod.fuses(job.spec, device) for job in jobs):  # fusable cells as groups (pipeline/fused_job.py)
             from ablate.pipeline.fused_job import run_jobs_fused
 
             return run_jobs_fused(jobs, device, stop, registry, ui, self.events)
@@ -61,8 +61,8 @@ def run_jobs(ctx, jobs: list[CellJob]) -> dict[str, dict]:
     executor_cls = ctx.registry.get("executor", ctx.spec.executor.plugin)
     executor = executor_cls(executor_cls.Params.model_validate(ctx.spec.executor.params()))
     executor.events = ctx.events
-    if cellmod.fuses(ctx.spec) and not isinstance(executor, LocalExecutor):
-        ctx.ui.warn(f'train.fuse = "auto" fuses cells in the local executor only; the {executor_cls.name} '
+    if ctx.spec.train.fuse == "on" and not isinstance(executor, LocalExecutor):
+        ctx.ui.warn(f'train.fuse = "on" fuses cells in the local executor only; the {executor_cls.name} '
                     "executor trains every cell on its own (the numbers are the same; use --executor local to fuse)")
 
     def run() -> dict[str, dict]:

@@ -47,7 +47,7 @@ def run_jobs_fused(jobs: list[CellJob], device: torch.device, stop, registry, ui
     """LocalExecutor's loop with fusion: every job's record (run_cell's), in job order."""
     records: dict[str, dict] = {}
     for group in fusable_groups(jobs):
-        todo = [j for j in group if cellmod.fuses(j.spec) and not cj.settled(j)]
+        todo = [j for j in group if cellmod.fuses(j.spec, device) and not cj.settled(j)]
         for job in group:
             if job not in todo or len(todo) < 2:
                 if stop.set:

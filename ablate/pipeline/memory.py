@@ -461,12 +461,12 @@ def _logit_terms(spec, device_type: str, router: bool, eager: bool, P: int, V: i
     return terms
 
 
-def fused_groups(spec) -> list[list]:
-    """The cells `train.fuse = "auto"` trains as groups in the local executor (two or more cells with
-    the same data seed; ablate.pipeline.fused_job.fuse_key within one spec)."""
+def fused_groups(spec, device_type: str) -> list[list]:
+    """The cells `train.fuse` trains as groups on `device_type` in the local executor (two or more
+    cells with the same data seed; ablate.pipeline.fused_job.fuse_key within one spec)."""
     from ablate.training.cells import fuses, training_seeds
 
-    if not fuses(spec) or spec.executor.plugin != "local":
+    if not fuses(spec, device_type) or spec.executor.plugin != "local":
         return []
     groups: dict[int, list] = {}
     for cell in spec.cells:
@@ -488,6 +488,15 @@ def _group(spec, cells: list, per_cell: dict[str, StageMemory], V: int, registry
                                                                     if t.short == short), knob, short))
     s.device.append(Term(f"logits, {len(cells)} cells", sum(t.bytes for c in cells for t in per_cell[c.name].device
                                                            if t.short.startswith("logits")), "train.batch", "logits"))
+    # the fused loss head's chunks exist during one member's loss at a time; eager intermediates of
+    # every member live until the group's backward
+    chunks = [t for c in cells for t in per_cell[c.name].device if t.short.startswith("loss chunks")]
+    if chunks:
+        s.device.append(max(chunks, key=lambda t: t.bytes))
+    eager = sum(t.bytes for c in cells for t in per_cell[c.name].device if t.short == "eager extra")
+    if eager:
+        s.device.append(Term(f"eager execution's intermediates, {len(cells)} cells", eager, "train.compile",
+                             "eager extra"))
     sidecars = {c.oracle == "real" for c in cells if _needs_sidecar(c, registry)}
     if sidecars:
         s.device.append(Term(f"{len(sidecars)} sidecar(s) on the device [{o.rows:,} × {V:,}]",
@@ -500,8 +509,9 @@ def _cells_stage(spec, device_type, corpus, student: StudentShape, V: int, regis
     """The largest cell or fused group (they run one after another), with the stage's host copies."""
     o = spec.oracle
     per_cell = _cells(spec, device_type, student, V, registry, bf16)
-    fused = [_group(spec, g, per_cell, V, registry, device_type) for g in fused_groups(spec)]
-    grouped = {c.name for g in fused_groups(spec) for c in g}
+    groups = fused_groups(spec, device_type)
+    fused = [_group(spec, g, per_cell, V, registry, device_type) for g in groups]
+    grouped = {c.name for g in groups for c in g}
     candidates = fused + [m for name, m in per_cell.items() if name not in grouped]
     best = max(candidates, key=lambda s: s.allocated_bytes)
     # host: the engine's oracle variants and the cell job's own (real and shuffled sidecars, 3 tables),

@@ -5,7 +5,7 @@ scripts/gpu-check.sh runs them on a GPU machine before a change to code the GPU 
 - one full-dimension cell (ZEB-139 shapes: `tiny` backbone, vocab 32,000, 10,000 rows, batch
   4 × 2048, bf16) for 30 steps compiled and eager: losses equal within bf16 tolerance;
 - resume after SIGKILL mid-cell on CUDA, to the results of an uninterrupted run;
-- the smoke profile's cells as one fused group (train.fuse = "auto") against one by one;
+- the smoke profile's cells compiled, fused by the default train.fuse = "auto", against one by one;
 - `ablate bench --size small --device cuda` (its fused group's loss check included);
 - (tests/pipeline/test_meter.py) the meter on real, nested CUDA blocks.
 """
@@ -115,15 +115,16 @@ def test_resume_after_sigkill_mid_cell_on_cuda(tmp_path):
 
 
 def test_fused_cells_on_cuda_give_the_numbers_of_cells_run_one_by_one(tmp_path):
-    """The zeb139 smoke profile's 6 cells with train.fuse = "auto" (one fused group, compiled) and
-    "off": every cell trains, records its group, and ends at the same validation loss within bf16
-    tolerance (the V-contrast permutations come from another RNG inside a compiled graph)."""
+    """The zeb139 smoke profile's 6 cells with the default train.fuse = "auto" and the cells compiled
+    (auto then fuses them on CUDA: one fused group) against train.fuse = "off" (eager, one by one):
+    every cell trains, records its group, and ends at the same validation loss within bf16 tolerance
+    (the V-contrast permutations come from another RNG inside a compiled graph)."""
     results = {}
-    for fuse in ("auto", "off"):
+    for fuse, extra in (("auto", ["--set", "train.compile=on"]), ("off", [])):
         (tmp_path / fuse).mkdir()
         shutil.copy(ROOT / "specs" / "zeb139.toml", tmp_path / fuse / "zeb139.toml")
         done = ablate(tmp_path / fuse, "run", "zeb139.toml", "--profile", "smoke", "--set", f"train.fuse={fuse}",
-                      "--device", "cuda", "--quiet")
+                      *extra, "--device", "cuda", "--quiet")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         results[fuse] = json.loads((tmp_path / fuse / "runs" / "zeb139" / "results.json").read_text())["cells"]
     names = list(results["off"])

@@ -51,7 +51,7 @@ def run(cwd: Path, monkeypatch, *extra: str) -> dict:
 @pytest.mark.slow
 def test_a_cell_gives_the_same_numbers_whichever_executor_runs_it_in_whatever_order(tmp_path, monkeypatch,
                                                                                      micro_stages, capsys):
-    """...and train.fuse = "auto" under another executor than local trains the cells on their own,
+    """...and train.fuse = "on" under another executor than local trains the cells on their own,
     saying so."""
     for d in ("local", "reversed"):
         demo_dir(tmp_path / d, micro_stages)
@@ -60,10 +60,10 @@ def test_a_cell_gives_the_same_numbers_whichever_executor_runs_it_in_whatever_or
     capsys.readouterr()
     loud = [a for a in SPEC_ARGS if a != "--quiet"]  # --quiet drops warnings
     assert ablate_in(tmp_path / "reversed", monkeypatch, "run", *loud, "--executor", "reversed",
-                     "--plugin", str(tmp_path / "reversed" / "executor.py"), "--set", "train.fuse=auto") == 0
+                     "--plugin", str(tmp_path / "reversed" / "executor.py"), "--set", "train.fuse=on") == 0
     other = json.loads((tmp_path / "reversed" / "runs" / "demo" / "results.json").read_text())
     err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
-    assert 'train.fuse = "auto" fuses cells in the local executor only; the reversed executor' in err
+    assert 'train.fuse = "on" fuses cells in the local executor only; the reversed executor' in err
     assert all(cell["fused"] is None for cell in other["cells"].values())
     assert list(other["cells"]) == list(local["cells"])
     for name, cell in local["cells"].items():

@@ -235,12 +235,12 @@ def _demo_run(stages, tmp_path, monkeypatch, name: str, *sets: str) -> dict:
 @pytest.mark.slow
 def test_demo_fused_equals_demo_unfused(micro_stages, tmp_path, monkeypatch):
     """The demo's tiny profile (4 cells on one backbone, oracle and data seed) with train.fuse =
-    "auto" and "off": every logged number, evaluation and metric equal (≤ 1e-6 relative); the
+    "on" and "off": every logged number, evaluation and metric equal (≤ 1e-6 relative); the
     fused run records its group per cell."""
     import csv
     import json
 
-    fused, fused_dir = _demo_run(micro_stages, tmp_path, monkeypatch, "fused", "train.fuse=auto")
+    fused, fused_dir = _demo_run(micro_stages, tmp_path, monkeypatch, "fused", "train.fuse=on")
     plain, plain_dir = _demo_run(micro_stages, tmp_path, monkeypatch, "plain", "train.fuse=off")
     names = list(plain["cells"])
     assert len(names) == 4
@@ -278,7 +278,7 @@ def test_a_fused_group_killed_mid_training_resumes_to_the_uninterrupted_results(
     exe = shutil.which("ablate") or str(Path(sys.executable).with_name("ablate"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     args = [exe, "run", *MICRO_DEMO, "--set", "train.steps=10", "--set", "train.checkpoint_every=5",
-            "--set", "train.fuse=auto", "--device", "cpu"]
+            "--set", "train.fuse=on", "--device", "cpu"]
     dirs = {d: demo_dir(tmp_path / d, micro_stages) for d in ("straight", "killed")}
     assert ablate_in(dirs["straight"], monkeypatch, *args[1:], "--quiet") == 0  # in this process: no start-up
     cwd = dirs["killed"]
