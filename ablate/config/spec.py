@@ -214,7 +214,7 @@ class TrainSpec(Strict):
     # fused cells (ablate.training.fused): cells on the same backbone, oracle and training windows
     # (same seed) train as one group in the local executor, one forward (the frozen layers once) and
     # one backward per step; every cell's numbers equal its separate run's (bitwise on the CPU).
-    # "auto" fuses where it pays: on CUDA with the cells compiled (ablate.training.cells.fuses);
+    # "auto" fuses where it pays: on CUDA with the cells compiled, numerics "ablate" (cells.fuses);
     # "on" wherever cells share their windows, the CPU and eager cells too; "off": one by one
     fuse: Literal["auto", "on", "off"] = "auto"
 

@@ -53,9 +53,13 @@ HEAD_ROUTER_CHUNKS = 2.4
 # activations saved per position per backbone layer behind the first injection, in units of
 # (hidden_dim + ffn_dim) values of the autocast dtype (router-off compiled cell: 2.67 GiB)
 CELL_ACTIVATION_WIDTHS = 7
-# probes: float32 [B·T, V] tensors alive at once (a pair probe's two traces hold final and router
-# logits each; softmaxes and products of the probe's arithmetic)
-PROBE_LOGITS = 9
+# probes: float32 [B·T, V] tensors alive at once. The probes' own arithmetic runs 1,024 positions at
+# a time. With the fused loss head a trace forms only the logits a probe reads (the router's): a pair
+# probe's two traces hold one each, plus one being formed; measured on an H200 (2026-11-29, reference
+# dimensions: 6.34 GiB allocated, 6.59 reserved). With whole logits each trace holds two, plus the
+# forward's two being summed: a count, not calibrated.
+PROBE_LOGITS_FUSED_HEAD = 3
+PROBE_LOGITS = 6
 PRETRAIN_LOGITS = 3  # backbone / teacher pretraining: logits, log-softmax, gradient (float32)
 
 # TinyLlama/TinyLlama_v1.1 config.json, used when the tinyllama teacher's config is not on this
@@ -528,12 +532,13 @@ def _probes_stage(spec, device_type, corpus, student: StudentShape, V: int) -> S
     variants = len({c.oracle for c in spec.cells})
     n = len(spec.cells)
     s = StageMemory("probes", device_type, host=list(corpus))
+    n_logits = PROBE_LOGITS_FUSED_HEAD if device_type == "cuda" and spec.numerics == "ablate" else PROBE_LOGITS
     s.device += [Term(f"sidecars on the device ({variants} oracle variant{'s' if variants > 1 else ''})",
                       variants * o.rows * V * _sidecar_bytes(spec), "oracle.rows", "sidecars"),
                  Term(f"{n} trained students (float32)", n * 4 * (student.backbone_params + student.buffers
                                                                   + student.adapters[True]), "", "students"),
-                 Term(f"traced logits [{p.batch}·{p.seq_len or spec.train.seq_len}, {V:,}] float32 ×{PROBE_LOGITS}",
-                      PROBE_LOGITS * P * V * 4, "probes.batch", f"logits ×{PROBE_LOGITS}")]
+                 Term(f"traced logits [{p.batch}·{p.seq_len or spec.train.seq_len}, {V:,}] float32 ×{n_logits}",
+                      n_logits * P * V * 4, "probes.batch", f"logits ×{n_logits}")]
     s.host.append(Term("oracle variants on the host", 2 * o.rows * V * 4, "oracle.rows", "oracle variants"))
     return s
 

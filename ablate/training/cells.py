@@ -95,14 +95,16 @@ def training_seeds(spec, cell) -> tuple[int, int]:
 def fuses(spec, device: torch.device | str) -> bool:
     """train.fuse resolved for a run on `device`: whether cells that share their training windows
     (same data seed, `training_seeds`) train as fused groups (ablate.training.fused). Never without
-    an injection layer; "on": always; "auto": on CUDA when the cells compile (a compiled group step
-    is 1.1× the cells one by one on an H200; eager, it would hold every member's eager
-    intermediates at once for little gain)."""
+    an injection layer; "on": always; "auto": on CUDA when the cells compile, under numerics
+    "ablate" (a compiled group step is 1.1× the cells one by one on an H200; eager, a group would
+    hold every member's eager intermediates at once, and under "upstream" every member's whole
+    [B·T, V] logits: 28 GiB for zeb139's six cells, for little gain)."""
     from ablate.training import fastpath
 
     if not spec.model.inject_layers or spec.train.fuse == "off":
         return False
-    return spec.train.fuse == "on" or (compile_cells(spec) and fastpath.enabled_for(device))
+    return spec.train.fuse == "on" or (spec.numerics == "ablate" and compile_cells(spec)
+                                       and fastpath.enabled_for(device))
 
 
 COMPILE_MIN_STEPS = 3000  # H100: compiling costs ~135 s cold and saves ~35 ms per step (docs/performance.md)
