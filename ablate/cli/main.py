@@ -222,6 +222,7 @@ def cmd_plan(args) -> int:
         table.add_row(row["name"], row["key"], row["status"])
     console.print(table)
     console.print(compile_decision(spec))
+    console.print(escape(fuse_decision(spec)))
     return 0
 
 
@@ -249,6 +250,22 @@ def compile_decision(spec) -> str:
            f"{'≥' if compiled else '<'} {COMPILE_MIN_STEPS}"
            if spec.train.compile == "auto" else f'train.compile = "{spec.train.compile}"')
     return f"on CUDA the cells would run {'compiled' if compiled else 'eager'} ({why}); on the CPU they always run eager"
+
+
+def fuse_decision(spec) -> str:
+    """One line: which cells would train as fused groups on CUDA and on the CPU, and why (train.fuse)."""
+    from ablate.pipeline.memory import fused_groups
+
+    def groups(device_type: str) -> str:
+        found = fused_groups(spec, device_type)
+        return (", ".join(f"[{', '.join(c.name for c in g)}]" for g in found) + " as fused group" + "s" * (len(found) > 1)
+                if found else "every cell on its own")
+
+    why = {"auto": 'train.fuse = "auto": fused on CUDA when the cells compile, under numerics "ablate"',
+           "on": 'train.fuse = "on"', "off": 'train.fuse = "off"'}[spec.train.fuse]
+    if spec.executor.plugin != "local":
+        why += f"; the {spec.executor.plugin} executor never fuses"
+    return f"on CUDA: {groups('cuda')}; on the CPU: {groups('cpu')} ({why})"
 
 
 def cmd_run(args) -> int:

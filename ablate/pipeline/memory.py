@@ -490,8 +490,9 @@ def _group(spec, cells: list, per_cell: dict[str, StageMemory], V: int, registry
     for short, knob in (("adapters + optimiser", ""), ("activations", "train.seq_len")):
         s.device.append(Term(f"{short}, {len(cells)} cells", sum(t.bytes for c in cells for t in per_cell[c.name].device
                                                                     if t.short == short), knob, short))
-    s.device.append(Term(f"logits, {len(cells)} cells", sum(t.bytes for c in cells for t in per_cell[c.name].device
-                                                           if t.short.startswith("logits")), "train.batch", "logits"))
+    logits = sum(t.bytes for c in cells for t in per_cell[c.name].device if t.short.startswith("logits"))
+    if logits:  # whole [B·T, V] logits (not with the fused loss head)
+        s.device.append(Term(f"logits, {len(cells)} cells", logits, "train.batch", "logits"))
     # the fused loss head's chunks exist during one member's loss at a time; eager intermediates of
     # every member live until the group's backward
     chunks = [t for c in cells for t in per_cell[c.name].device if t.short.startswith("loss chunks")]

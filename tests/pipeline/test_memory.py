@@ -147,6 +147,12 @@ def test_plan_prints_the_table_and_does_not_refuse(tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     assert "estimated peak memory of demo on CUDA" in out and "GPU GiB" in out
     assert "does not fit --memory-budget" in out
+    out = " ".join(out.split())  # the console wraps long lines
+    # the tiny profile's 4 cells train few steps: eager on CUDA, so "auto" fuses nowhere
+    assert 'on CUDA: every cell on its own; on the CPU: every cell on its own (train.fuse = "auto"' in out
+    assert ablate_in(tmp_path, monkeypatch, "plan", "demo.toml", "--profile", "tiny", "--set", "train.fuse=on") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "on CUDA: [" in out and "] as fused group; on the CPU: [" in out
 
 
 def test_corpus_tokens_from_shard_headers(tmp_path):
@@ -226,6 +232,23 @@ def test_a_fused_group_that_cannot_fit_is_refused_naming_train_fuse(tmp_path):
     with pytest.raises(SpecError) as err:
         memory.check(reference_spec(tmp_path, "train.fuse=off"), limit, REGISTRY)
     assert not any(text.startswith("the cells") for _, text in err.value.problems)
+
+
+def test_an_eager_fused_group_counts_every_members_eager_intermediates(tmp_path):
+    """train.fuse = "on" with the cells eager (200 steps per cell: "auto" would not compile them, nor
+    fuse them): every member's eager intermediates live until the group's backward, six times one
+    cell's extra; such a group does not fit a 16 GiB budget and the refusal names train.fuse."""
+    eager = reference_spec(tmp_path, "train.fuse=on", "train.steps=200")
+    group = next(s for s in memory.estimate(eager, "cuda", REGISTRY) if s.stage.startswith("cells (fused group"))
+    one = memory.cell_memory(eager, "cuda", REGISTRY)["router_on_real@lambda=0.5"]
+    extra_one = sum(t.bytes for t in one.device if t.short == "eager extra")
+    extra_group = sum(t.bytes for t in group.device if t.short == "eager extra")
+    assert extra_one > 0 and extra_group == 6 * extra_one
+    assert not any(t.short == "logits" for t in group.device)  # the fused loss head forms no whole logits
+    with pytest.raises(SpecError) as err:
+        memory.check(eager, Limit("cuda", 16 * GIB, "--memory-budget 16 GiB", budget=True), REGISTRY)
+    cells = [(knob, text) for knob, text in err.value.problems if text.startswith("the cells")]
+    assert len(cells) == 1 and cells[0][0] == "train.fuse" and "eager execution's intermediates" in cells[0][1]
 
 
 def test_cells_with_different_seeds_are_separate_groups(tmp_path):
